@@ -1,0 +1,41 @@
+"""mace-sparse: sparsity-promoting (soft-threshold, STR) fine-tuning of MACE foundation models.
+
+The public API is imported lazily: this package's start-up hook imports ``mace_sparse._bootstrap`` in every
+interpreter of the environment, and that must not pull in torch or MACE.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SparseConfig": "mace_sparse.config",
+    "SparseConfigError": "mace_sparse.config",
+    "TARGET_KINDS": "mace_sparse.config",
+    "get_sparse_model": "mace_sparse.sparse_model",
+    "merge_and_unload": "mace_sparse.sparse_model",
+    "print_trainable_parameters": "mace_sparse.sparse_model",
+    "trainable_parameters_line": "mace_sparse.sparse_model",
+    "sparsity_stats": "mace_sparse.sparse_model",
+    "is_sparse_model": "mace_sparse.sparse_model",
+    "delta_parameters": "mace_sparse.sparse_model",
+    "threshold_parameters": "mace_sparse.sparse_model",
+    "add_threshold_group": "mace_sparse.optim",
+    "register_threshold_decay": "mace_sparse.optim",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mace_sparse' has no attribute {name!r}")
+    if module != "mace_sparse.config":
+        import mace  # noqa: F401  (mace must be imported before e3nn)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

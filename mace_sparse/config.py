@@ -1,0 +1,96 @@
+"""What a sparse fine-tune is asked to do, and the checks that reject impossible requests.
+
+The config is plain data (like peft's ``LoraConfig``): the same object drives the Python API and the
+``mace_run_train`` integration, so both accept and refuse exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+#: Weight kinds that can be adapted, in the order they are reported.
+TARGET_KINDS: Tuple[str, ...] = ("linear", "skip_tp", "contraction", "radial")
+
+#: Default targets. On the small foundations this package trains on, the radial MLP holds most of the
+#: parameters and "linear only" caps accuracy (see README, "Choosing targets"), so all four kinds are adapted.
+DEFAULT_TARGETS: Tuple[str, ...] = TARGET_KINDS
+
+GRANULARITIES: Tuple[str, ...] = ("layer", "path")
+
+
+class SparseConfigError(ValueError):
+    """A setting the method cannot honour; the message names the problem and the fix in one line."""
+
+
+def parse_targets(spec: str | Tuple[str, ...] | list) -> Tuple[str, ...]:
+    """Turn ``"linear,radial"`` / ``"all"`` / a sequence into a tuple of known kinds, in canonical order."""
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = [str(s).strip() for s in spec]
+    if not items:
+        raise SparseConfigError(
+            "--sparse_targets is empty: give a comma list of "
+            f"{', '.join(TARGET_KINDS)} or 'all'"
+        )
+    if "all" in items:
+        return TARGET_KINDS
+    unknown = [s for s in items if s not in TARGET_KINDS]
+    if unknown:
+        raise SparseConfigError(
+            f"--sparse_targets: unknown weight kind {unknown[0]!r}; "
+            f"choose from {', '.join(TARGET_KINDS)} or 'all'"
+        )
+    return tuple(k for k in TARGET_KINDS if k in items)
+
+
+@dataclasses.dataclass
+class SparseConfig:
+    """Settings of soft-threshold reparameterised (STR) fine-tuning.
+
+    Attributes:
+        targets: weight kinds to adapt (``linear``, ``skip_tp``, ``contraction``, ``radial``).
+        init_threshold: initial δ. δ is **absolute**, as in the paper: an entry of ΔW changes the model only
+            once its magnitude exceeds δ. δ = sigmoid(s) with a learnable score s, so 0 < δ < 1.
+        threshold_lr: learning rate of the threshold scores (``None``: the model learning rate).
+        threshold_weight_decay: λ_τ, the sparsity knob. Decoupled (AdamW-style) decay of the score s
+            towards 0, i.e. of δ towards 0.5: a larger λ_τ holds δ higher, so fewer ΔW entries pass it.
+        granularity: ``layer`` (one δ per weight tensor) or ``path`` (one δ per irrep path / instruction).
+    """
+
+    targets: Tuple[str, ...] = DEFAULT_TARGETS
+    init_threshold: float = 1e-3
+    threshold_lr: Optional[float] = None
+    threshold_weight_decay: float = 0.3
+    granularity: str = "path"
+
+    def __post_init__(self) -> None:
+        self.targets = parse_targets(self.targets)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`SparseConfigError` with a one-line message for any setting out of range."""
+        if not 0.0 < float(self.init_threshold) < 1.0:
+            raise SparseConfigError(
+                f"--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got {self.init_threshold}"
+            )
+        if self.threshold_lr is not None and not float(self.threshold_lr) > 0.0:
+            raise SparseConfigError(
+                f"--sparse_threshold_lr must be > 0; got {self.threshold_lr}"
+            )
+        if not float(self.threshold_weight_decay) >= 0.0:
+            raise SparseConfigError(
+                f"--sparse_threshold_weight_decay (λ_τ) must be >= 0; got {self.threshold_weight_decay}"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise SparseConfigError(
+                f"--sparse_threshold_granularity must be one of {', '.join(GRANULARITIES)}; "
+                f"got {self.granularity!r}"
+            )
+
+    def to_dict(self) -> dict:
+        """JSON-friendly view, written into logs and delta-file metadata."""
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d

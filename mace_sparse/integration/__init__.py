@@ -1,0 +1,1 @@
+"""Integration with MACE's ``mace_run_train``: flags, patches and the explicit console script."""

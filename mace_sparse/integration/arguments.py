@@ -1,0 +1,73 @@
+"""The command-line flags this package adds to ``mace_run_train`` (also valid as YAML ``--config`` keys).
+
+Each flag is registered with both spellings (``--finetune-method`` and ``--finetune_method``); configargparse
+maps YAML keys onto the same option strings, so either spelling works in a config file too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from ..config import DEFAULT_TARGETS, GRANULARITIES, SparseConfig, SparseConfigError
+
+FINETUNE_METHODS = ("full", "sparse_str")
+_DEFAULTS = SparseConfig()
+
+
+def _both(name: str) -> list:
+    """``--a_b`` and ``--a-b`` for a flag written with underscores."""
+    underscored = "--" + name
+    hyphenated = "--" + name.replace("_", "-")
+    return [hyphenated, underscored] if hyphenated != underscored else [underscored]
+
+
+def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the sparse_str flags to MACE's parser (idempotent)."""
+    if any("--finetune_method" in a.option_strings for a in parser._actions):
+        return parser
+    group = parser.add_argument_group("mace-sparse: sparsity-promoting fine-tuning (STR)")
+    group.add_argument(
+        *_both("finetune_method"), dest="finetune_method", choices=FINETUNE_METHODS, default="full",
+        help="'full': MACE's own fine-tuning; 'sparse_str': frozen foundation + soft-thresholded sparse delta",
+    )
+    group.add_argument(
+        *_both("sparse_targets"), dest="sparse_targets", type=str, default=",".join(DEFAULT_TARGETS),
+        help="comma list of weight kinds to adapt: linear, skip_tp, contraction, radial, or 'all'",
+    )
+    group.add_argument(
+        *_both("sparse_init_threshold"), dest="sparse_init_threshold", type=float,
+        default=_DEFAULTS.init_threshold,
+        help="initial threshold delta (absolute, as in the paper; delta = sigmoid(score))",
+    )
+    group.add_argument(
+        *_both("sparse_threshold_lr"), dest="sparse_threshold_lr", type=float, default=None,
+        help="learning rate of the thresholds (default: --lr)",
+    )
+    group.add_argument(
+        *_both("sparse_threshold_weight_decay"), dest="sparse_threshold_weight_decay", type=float,
+        default=_DEFAULTS.threshold_weight_decay,
+        help="lambda_tau, decoupled weight decay of the threshold scores: the sparsity knob (higher = sparser)",
+    )
+    group.add_argument(
+        *_both("sparse_threshold_granularity"), dest="sparse_threshold_granularity", choices=GRANULARITIES,
+        default=_DEFAULTS.granularity,
+        help="one threshold per weight tensor ('layer') or per irrep path / instruction ('path')",
+    )
+    return parser
+
+
+def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
+    """The :class:`SparseConfig` asked for on the command line, or ``None`` for MACE's own fine-tuning."""
+    if getattr(args, "finetune_method", "full") != "sparse_str":
+        return None
+    return SparseConfig(
+        targets=args.sparse_targets,
+        init_threshold=args.sparse_init_threshold,
+        threshold_lr=args.sparse_threshold_lr,
+        threshold_weight_decay=args.sparse_threshold_weight_decay,
+        granularity=args.sparse_threshold_granularity,
+    )
+
+
+__all__ = ["add_sparse_arguments", "sparse_config_from_args", "SparseConfigError", "FINETUNE_METHODS"]

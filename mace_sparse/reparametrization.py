@@ -1,0 +1,188 @@
+"""Soft-threshold reparameterisation of one weight tensor: W' = W + sign(ΔW)·ReLU(|ΔW| − δ).
+
+How a weight is reparameterised in place, without changing the module's class (so MACE's own code,
+``extract_config_mace_model`` and ``deepcopy`` keep working, and the merged model is plain MACE):
+
+* the pretrained weight W moves from ``module._parameters[name]`` to the buffer ``<name>_foundation``
+  (frozen, saved in checkpoints, never optimised, not seen by EMA);
+* the learnable latent delta ΔW is the Parameter ``<name>_delta`` (zeros at the start);
+* the learnable threshold score s is the Parameter ``<name>_threshold_score``, δ = sigmoid(s), one entry
+  per weight tensor (``layer``) or per irrep path (``path``; the buffer ``<name>_threshold_segments``
+  maps every weight entry to its path);
+* a forward pre-hook writes the effective weight W' as a plain tensor attribute ``module.<name>`` just
+  before the module runs, so the unchanged ``forward`` reads ``self.<name>`` as always; a forward hook
+  then detaches it, so no autograd graph is kept alive between steps and ``deepcopy`` works.
+
+The dead zone. S(ΔW, δ) has zero gradient in ΔW wherever |ΔW| ≤ δ, so with ΔW = 0 at the start
+(needed for step 0 to equal the foundation exactly) nothing would ever train. We use a straight-through
+estimator for ΔW: the forward pass is the exact soft threshold, the backward pass treats
+∂S/∂ΔW as 1 everywhere, so the latent ΔW keeps integrating the loss gradient inside the dead zone and an
+entry starts to change the model once its accumulated pull exceeds δ. The gradient to δ is the exact one
+(−sign(ΔW) where |ΔW| > δ). Written as ``ΔW − clamp(ΔW.detach(), −δ, δ)`` this costs three elementwise ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+FOUNDATION = "{}_foundation"
+DELTA = "{}_delta"
+SCORE = "{}_threshold_score"
+SEGMENTS = "{}_threshold_segments"
+#: Names of the reparameterised weights of a module, kept in the instance dict so deepcopy carries it.
+REGISTRY_ATTR = "_sparse_str_weights"
+#: Set on a module that owns the hooks for itself (and its ParameterList children).
+HOOKED_ATTR = "_sparse_str_hooked"
+
+
+def score_for_threshold(threshold: float) -> float:
+    """Inverse of sigmoid: the score s with sigmoid(s) = δ."""
+    return math.log(threshold) - math.log1p(-threshold)
+
+
+def soft_threshold_ste(delta: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """sign(ΔW)·ReLU(|ΔW| − δ) in the forward pass, identity gradient for ΔW (straight-through).
+
+    ``ΔW − clamp(ΔW, −δ, δ)`` equals the soft threshold exactly; detaching ΔW inside the clamp removes the
+    clamp's gradient to ΔW (that is the straight-through part) while δ keeps its exact gradient.
+    """
+    return delta - torch.clamp(delta.detach(), -threshold, threshold)
+
+
+def soft_threshold(delta: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The soft threshold itself, without any gradient trick (for merging and statistics)."""
+    return delta - torch.clamp(delta, -threshold, threshold)
+
+
+def thresholds(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """δ of one reparameterised weight, broadcastable to (or of) the weight's shape."""
+    delta_threshold = torch.sigmoid(getattr(module, SCORE.format(name)))
+    segments = module._buffers.get(SEGMENTS.format(name))
+    if segments is not None:
+        return delta_threshold[segments]
+    return delta_threshold
+
+
+def effective_delta(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """S(ΔW, δ): the change the weight currently applies to the foundation weight (no grad tricks)."""
+    return soft_threshold(getattr(module, DELTA.format(name)), thresholds(module, name))
+
+
+def reparametrized_names(module: torch.nn.Module) -> Tuple[str, ...]:
+    return module.__dict__.get(REGISTRY_ATTR, ())
+
+
+def _refresh_own(module: torch.nn.Module) -> None:
+    for name in reparametrized_names(module):
+        base = module._buffers[FOUNDATION.format(name)]
+        delta = module._parameters[DELTA.format(name)]
+        module.__dict__[name] = base + soft_threshold_ste(delta, thresholds(module, name))
+
+
+def refresh(module: torch.nn.Module, *_args) -> None:
+    """Write W' for the module's own reparameterised weights and those of its ParameterList children."""
+    _refresh_own(module)
+    for child in module.children():
+        if isinstance(child, torch.nn.ParameterList) and reparametrized_names(child):
+            _refresh_own(child)
+
+
+def _detach_own(module: torch.nn.Module) -> None:
+    for name in reparametrized_names(module):
+        value = module.__dict__.get(name)
+        if value is not None:
+            module.__dict__[name] = value.detach()
+
+
+def detach_after_forward(module: torch.nn.Module, *_args) -> None:
+    """Drop the autograd history of W' once the module has run (the graph already holds what it needs)."""
+    _detach_own(module)
+    for child in module.children():
+        if isinstance(child, torch.nn.ParameterList) and reparametrized_names(child):
+            _detach_own(child)
+
+
+def _refresh_after_load(module: torch.nn.Module, *_args) -> None:
+    with torch.no_grad():
+        refresh(module)
+
+
+def hook_owner(parent: Optional[torch.nn.Module], owner: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward reads the weight: a ParameterList is read by its parent."""
+    if isinstance(owner, torch.nn.ParameterList):
+        if parent is None:
+            raise ValueError("a ParameterList weight needs its parent module to be hooked")
+        return parent
+    return owner
+
+
+def reparametrize(
+    owner: torch.nn.Module,
+    name: str,
+    init_threshold: float,
+    segments: Optional[torch.Tensor],
+    num_segments: int,
+    consumer: torch.nn.Module,
+) -> None:
+    """Turn ``owner.<name>`` (a Parameter) into foundation buffer + latent delta + threshold score.
+
+    Args:
+        owner: module holding the Parameter.
+        name: its attribute name.
+        init_threshold: initial δ (absolute).
+        segments: long tensor of the weight's shape mapping each entry to a path, or ``None`` for one δ.
+        num_segments: number of δ entries.
+        consumer: the module whose forward reads the weight (``owner`` or, for a ParameterList, its parent).
+    """
+    weight = owner._parameters.pop(name)
+    base = weight.detach().clone()
+    owner.register_buffer(FOUNDATION.format(name), base)
+    owner.register_parameter(DELTA.format(name), torch.nn.Parameter(torch.zeros_like(base)))
+    score = torch.full((num_segments,), score_for_threshold(init_threshold), dtype=base.dtype, device=base.device)
+    owner.register_parameter(SCORE.format(name), torch.nn.Parameter(score))
+    if segments is not None:
+        owner.register_buffer(SEGMENTS.format(name), segments.to(device=base.device, dtype=torch.long))
+    owner.__dict__[REGISTRY_ATTR] = reparametrized_names(owner) + (name,)
+    owner.__dict__[name] = base.clone()
+    if not consumer.__dict__.get(HOOKED_ATTR, False):
+        consumer.register_forward_pre_hook(refresh)
+        consumer.register_forward_hook(detach_after_forward)
+        consumer.register_load_state_dict_post_hook(_refresh_after_load)
+        consumer.__dict__[HOOKED_ATTR] = True
+
+
+def merge_into_parameter(owner: torch.nn.Module, name: str) -> None:
+    """Replace the reparameterisation of ``owner.<name>`` by a plain Parameter holding W + S(ΔW, δ)."""
+    with torch.no_grad():
+        merged = owner._buffers[FOUNDATION.format(name)] + effective_delta(owner, name)
+    owner.__dict__.pop(name, None)
+    for key in (FOUNDATION, SEGMENTS):
+        owner._buffers.pop(key.format(name), None)
+    for key in (DELTA, SCORE):
+        owner._parameters.pop(key.format(name), None)
+    owner._parameters[name] = torch.nn.Parameter(merged)
+    remaining = tuple(n for n in reparametrized_names(owner) if n != name)
+    if remaining:
+        owner.__dict__[REGISTRY_ATTR] = remaining
+    else:
+        owner.__dict__.pop(REGISTRY_ATTR, None)
+
+
+def remove_hooks(consumer: torch.nn.Module) -> None:
+    """Remove this package's hooks so that the module is exactly what MACE built."""
+    if not consumer.__dict__.pop(HOOKED_ATTR, False):
+        return
+    ours = (refresh, detach_after_forward, _refresh_after_load)
+    for hooks in (consumer._forward_pre_hooks, consumer._forward_hooks, consumer._load_state_dict_post_hooks):
+        for key in [k for k, fn in hooks.items() if fn in ours]:
+            del hooks[key]
+
+
+def iter_reparametrized(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module, str]]:
+    """(qualified name, owner module, weight name) of every reparameterised weight, in module order."""
+    for prefix, module in model.named_modules():
+        for name in reparametrized_names(module):
+            yield (f"{prefix}.{name}" if prefix else name), module, name

@@ -1,0 +1,189 @@
+"""Make a MACE model sparse-trainable, report on it, and merge it back into a plain MACE model.
+
+The shape follows Hugging Face peft: :func:`get_sparse_model` (≈ ``get_peft_model``),
+:func:`print_trainable_parameters`, :func:`merge_and_unload`. The model is changed in place and keeps its
+classes and module names, so MACE code that walks it (parameter groups, ``extract_config_mace_model``,
+checkpoints) keeps working; only the adapted weights gain ``_foundation`` / ``_delta`` / ``_threshold_score``
+entries in the state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Sequence
+
+import torch
+
+from . import reparametrization as rp
+from .config import SparseConfig
+from .model_walker import find_targets
+
+#: Marker in the model's instance dict: the config the model was made sparse-trainable with.
+CONFIG_ATTR = "_sparse_str_config"
+
+
+def is_sparse_model(model: torch.nn.Module) -> bool:
+    """True if ``model`` (or the model inside a DDP wrapper) carries the reparameterisation."""
+    model = getattr(model, "module", model)
+    return CONFIG_ATTR in model.__dict__
+
+
+def sparse_config_of(model: torch.nn.Module) -> SparseConfig:
+    model = getattr(model, "module", model)
+    return SparseConfig(**model.__dict__[CONFIG_ATTR])
+
+
+def get_sparse_model(
+    model: torch.nn.Module,
+    config: SparseConfig | None = None,
+    exclude_prefixes: Sequence[str] = (),
+) -> torch.nn.Module:
+    """Freeze ``model`` and reparameterise its target weights for STR fine-tuning (in place).
+
+    Every other parameter is frozen (``requires_grad=False``); the only trainable tensors afterwards are the
+    latent deltas and the threshold scores (plus any module under ``exclude_prefixes``, which is left fully
+    trainable, like peft's ``modules_to_save``). Before the first update the model predicts exactly what it
+    predicted before, since ΔW = 0 and W + 0 is W bit for bit.
+    """
+    config = config or SparseConfig()
+    if is_sparse_model(model):
+        raise ValueError("the model is already sparse-trainable; call merge_and_unload() first")
+    targets = find_targets(model, config.targets, exclude_prefixes)
+    if not targets:
+        raise ValueError(
+            f"no weights of kind {', '.join(config.targets)} found in {type(model).__name__}; "
+            "is this a MACE model (e3nn backend, not cuEquivariance)?"
+        )
+
+    def keep_trainable(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in exclude_prefixes)
+
+    for name, param in model.named_parameters():
+        if not keep_trainable(name):
+            param.requires_grad_(False)
+    for target in targets:
+        path = config.granularity == "path" and len(target.path_labels) > 1
+        rp.reparametrize(
+            target.owner,
+            target.name,
+            init_threshold=config.init_threshold,
+            segments=target.path_index if path else None,
+            num_segments=len(target.path_labels) if path else 1,
+            consumer=target.consumer,
+        )
+    model.__dict__[CONFIG_ATTR] = config.to_dict()
+    return model
+
+
+def delta_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The latent ΔW tensors, in module order."""
+    return [owner._parameters[rp.DELTA.format(name)] for _, owner, name in rp.iter_reparametrized(model)]
+
+
+def threshold_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The threshold scores s (δ = sigmoid(s)), in module order."""
+    return [owner._parameters[rp.SCORE.format(name)] for _, owner, name in rp.iter_reparametrized(model)]
+
+
+@dataclasses.dataclass
+class SparsityStats:
+    """Counts over the adapted weights and over the whole model.
+
+    ``layer_sparsity`` is the fraction of adapted entries whose effective change S(ΔW, δ) is exactly zero
+    (the paper's "layer" figure); ``total_sparsity`` the fraction of all model parameters left unchanged
+    (the paper's "total" figure).
+    """
+
+    changed_entries: int
+    adapted_entries: int
+    total_entries: int
+    mean_threshold: float
+
+    @property
+    def layer_sparsity(self) -> float:
+        return 1.0 - self.changed_entries / max(self.adapted_entries, 1)
+
+    @property
+    def total_sparsity(self) -> float:
+        return 1.0 - self.changed_entries / max(self.total_entries, 1)
+
+
+def total_model_entries(model: torch.nn.Module) -> int:
+    """Number of weights of the equivalent plain MACE model (each adapted weight counted once)."""
+    model = getattr(model, "module", model)
+    adapted = list(rp.iter_reparametrized(model))
+    extra = {id(owner._parameters[key.format(name)]) for _, owner, name in adapted for key in (rp.DELTA, rp.SCORE)}
+    foundation = sum(owner._buffers[rp.FOUNDATION.format(name)].numel() for _, owner, name in adapted)
+    return foundation + sum(p.numel() for p in model.parameters() if id(p) not in extra)
+
+
+@torch.no_grad()
+def sparsity_stats(model: torch.nn.Module) -> SparsityStats:
+    """Current sparsity of the effective deltas and the mean δ (one value per threshold entry)."""
+    model = getattr(model, "module", model)
+    changed = adapted = 0
+    threshold_sum = 0.0
+    threshold_count = 0
+    for _, owner, name in rp.iter_reparametrized(model):
+        change = rp.effective_delta(owner, name)
+        changed += int(torch.count_nonzero(change))
+        adapted += change.numel()
+        delta_threshold = torch.sigmoid(owner._parameters[rp.SCORE.format(name)])
+        threshold_sum += float(delta_threshold.sum())
+        threshold_count += delta_threshold.numel()
+    return SparsityStats(
+        changed_entries=changed,
+        adapted_entries=adapted,
+        total_entries=total_model_entries(model),
+        mean_threshold=threshold_sum / max(threshold_count, 1),
+    )
+
+
+def trainable_parameter_counts(model: torch.nn.Module) -> Dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "all": total_model_entries(model) if is_sparse_model(model) else
+            sum(p.numel() for p in model.parameters())}
+
+
+def trainable_parameters_line(model: torch.nn.Module) -> str:
+    """``trainable params: N || all params: M || trainable%: p`` as peft prints it.
+
+    "all params" counts the weights of the plain MACE model; the trainable ones are the latent deltas and
+    threshold scores (and any fully trainable extra module).
+    """
+    counts = trainable_parameter_counts(model)
+    return (
+        f"trainable params: {counts['trainable']:,} || all params: {counts['all']:,} || "
+        f"trainable%: {100.0 * counts['trainable'] / max(counts['all'], 1):.4f}"
+    )
+
+
+def print_trainable_parameters(model: torch.nn.Module) -> None:
+    """Print :func:`trainable_parameters_line` (peft's ``print_trainable_parameters``)."""
+    print(trainable_parameters_line(model))
+
+
+def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold W + S(ΔW, δ) into plain Parameters and remove every trace of this package (in place).
+
+    The result has exactly the module classes, parameter names, shapes and hooks MACE itself builds, and
+    all parameters trainable again, so it saves, loads and compiles without this package installed.
+    Use ``merge_and_unload(copy.deepcopy(model))`` to keep training the original.
+    """
+    if not is_sparse_model(model):
+        raise ValueError("the model is not sparse-trainable (no sparse_str reparameterisation found)")
+    for _, owner, name in list(rp.iter_reparametrized(model)):
+        rp.merge_into_parameter(owner, name)
+    for module in model.modules():
+        rp.remove_hooks(module)
+    model.__dict__.pop(CONFIG_ATTR, None)
+    for param in model.parameters():
+        if not isinstance(param, _empty_param_type()):
+            param.requires_grad_(True)
+    return model
+
+
+def _empty_param_type() -> type:
+    from mace.modules.symmetric_contraction import EmptyParam
+
+    return EmptyParam
