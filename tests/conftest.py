@@ -1,0 +1,90 @@
+"""Shared fixtures: EMT-labelled data and a tiny foundation pretrained with the real ``mace_run_train``.
+
+The foundation is made once per test session (about 15 s on 2 cores) in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mace  # noqa: F401  (before e3nn)
+
+#: Settings of the tiny foundation: small enough for CI, with ℓ up to 1, correlation 2, 2 interactions.
+FOUNDATION_ARGS = [
+    "--model", "MACE", "--num_channels", "8", "--max_L", "1", "--r_max", "4.0",
+    "--num_radial_basis", "6", "--radial_MLP", "[16,16]", "--correlation", "2",
+]
+COMMON_ARGS = [
+    "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--default_dtype", "float64",
+    "--device", "cpu", "--batch_size", "4",
+]
+
+
+def run_mace_train(args, cwd, env_extra=None, check=True, script="mace_run_train"):
+    """Run a console script (the real one on PATH) and return the CompletedProcess."""
+    env = dict(os.environ)
+    env.pop("MACE_SPARSE_DISABLE", None)
+    env.update(env_extra or {})
+    proc = subprocess.run([script, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def emt_data(tmp_path_factory) -> dict:
+    from mace_sparse.data.emt_data import write_datasets
+
+    return write_datasets(tmp_path_factory.mktemp("emt"), n_bulk=40, n_slab=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_foundation(tmp_path_factory, emt_data) -> Path:
+    """Path of a tiny MACE foundation pretrained on EMT bulk cells with ``mace_run_train``."""
+    work = tmp_path_factory.mktemp("foundation")
+    run_mace_train(
+        [
+            "--name", "foundation", "--train_file", emt_data["bulk_train"], "--valid_fraction", "0.2",
+            "--E0s", "average", "--max_num_epochs", "6", "--lr", "0.01", "--seed", "3",
+            *FOUNDATION_ARGS, *COMMON_ARGS,
+        ],
+        cwd=work,
+        env_extra={"MACE_SPARSE_DISABLE": "1"},
+    )
+    path = work / "foundation.model"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture()
+def foundation_model(tiny_foundation):
+    """A fresh float64 copy of the tiny foundation as a torch module."""
+    import torch
+
+    model = torch.load(tiny_foundation, map_location="cpu", weights_only=False)
+    return model.double()
+
+
+def batch_of(atoms_list, model, cutoff=4.0):
+    """A MACE batch dict for ASE atoms, using the model's element table."""
+    from mace import data
+    from mace.tools import torch_geometric
+    from mace.tools.utils import AtomicNumberTable
+
+    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    items = [
+        data.AtomicData.from_config(data.config_from_atoms(a), z_table=z_table, cutoff=cutoff) for a in atoms_list
+    ]
+    return torch_geometric.Batch.from_data_list(items).to_dict()
+
+
+@pytest.fixture()
+def slab_atoms(emt_data):
+    import ase.io
+
+    return ase.io.read(emt_data["slab_train"], ":")
