@@ -57,6 +57,7 @@ class SparseConfig:
         threshold_weight_decay: λ_τ, the sparsity knob. Decoupled (AdamW-style) decay of the score s
             towards 0, i.e. of δ towards 0.5: a larger λ_τ holds δ higher, so fewer ΔW entries pass it.
         granularity: ``layer`` (one δ per weight tensor) or ``path`` (one δ per irrep path / instruction).
+        delta_eps: κ of the gradient-scaled ΔW update (see ``mace_sparse.optim``); 0 means plain Adam.
     """
 
     targets: Tuple[str, ...] = DEFAULT_TARGETS
@@ -64,6 +65,7 @@ class SparseConfig:
     threshold_lr: Optional[float] = None
     threshold_weight_decay: float = 0.3
     granularity: str = "path"
+    delta_eps: float = 0.0
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
@@ -83,6 +85,8 @@ class SparseConfig:
             raise SparseConfigError(
                 f"--sparse_threshold_weight_decay (λ_τ) must be >= 0; got {self.threshold_weight_decay}"
             )
+        if not float(self.delta_eps) >= 0.0:
+            raise SparseConfigError(f"--sparse_delta_eps must be >= 0 (0 = plain Adam); got {self.delta_eps}")
         if self.granularity not in GRANULARITIES:
             raise SparseConfigError(
                 f"--sparse_threshold_granularity must be one of {', '.join(GRANULARITIES)}; "

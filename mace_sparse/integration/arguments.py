@@ -54,6 +54,11 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=_DEFAULTS.granularity,
         help="one threshold per weight tensor ('layer') or per irrep path / instruction ('path')",
     )
+    group.add_argument(
+        *_both("sparse_delta_eps"), dest="sparse_delta_eps", type=float, default=_DEFAULTS.delta_eps,
+        help="kappa of the gradient-scaled delta update: delta gradients are divided by their RMS and Adam's "
+        "eps is kappa, so entries move in proportion to their gradient's size (0 = plain Adam)",
+    )
     return parser
 
 
@@ -67,6 +72,7 @@ def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
         threshold_lr=args.sparse_threshold_lr,
         threshold_weight_decay=args.sparse_threshold_weight_decay,
         granularity=args.sparse_threshold_granularity,
+        delta_eps=args.sparse_delta_eps,
     )
 
 

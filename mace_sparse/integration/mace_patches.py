@@ -17,7 +17,8 @@ replaces a few names that ``mace.cli.run_train.run`` looks up at call time. Two 
   ``run_train.get_params_options``  threshold scores in their own group, frozen weights dropped
   ``run_train.get_optimizer``   decoupled λ_τ weight decay as an optimizer step pre-hook
   ``run_train.get_swa``         threshold group keeps its lr ratio under SWALR (stage two)
-  ``run_train.deepcopy``        the save-time copy is merged into a plain MACE model
+  ``run_train.deepcopy``        the save-time copy is merged into a plain MACE model; the delta file
+                                and ``<name>_sparsity.json`` are written beside it
   ``tools.train.valid_err_log`` validation lines also report sparsity and mean δ
   ============================  ===============================================================
 """
@@ -154,7 +155,7 @@ def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -
     def get_params_options(a, model):
         options = original_params(a, model)
         options["params"] = optim.add_threshold_group(
-            options["params"], model, threshold_lr, config.threshold_weight_decay
+            options["params"], model, threshold_lr, config.threshold_weight_decay, config.delta_eps
         )
         return options
 
@@ -170,11 +171,17 @@ def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -
         optim.keep_threshold_lr_ratio_in_swa(optimizer, a.lr)
         return result
 
+    saved_stages: list = []
+
     def deepcopy(obj, memo=None):
         copied = copy.deepcopy(obj, memo)
         if is_sparse_model(copied):
             logging.info("Merging the sparse delta into a plain MACE model")
             merge_and_unload(copied)
+            # first save-time copy: stage one (<name>.model); the next one: stage two (<name>_stagetwo.model)
+            stem = args.name if not saved_stages else f"{args.name}_stagetwo"
+            saved_stages.append(stem)
+            _write_sparse_artifacts(obj, copied, args.model_dir, stem)
         return copied
 
     original_log = train_module.valid_err_log
@@ -205,6 +212,20 @@ def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -
         stack.enter_context(_replaced(run_train, "deepcopy", deepcopy))
         stack.enter_context(_replaced(train_module, "valid_err_log", valid_err_log))
         yield state
+
+
+def _write_sparse_artifacts(sparse_model: Any, merged: Any, model_dir: str, stem: str) -> None:
+    """``<stem>_sparse_delta.safetensors`` and ``<stem>_sparsity.json`` next to the model MACE is saving.
+
+    A failure here is logged, not raised: the merged ``.model`` (the run's main result) must still be saved.
+    """
+    from ..artifacts.run_outputs import write_run_artifacts
+
+    try:
+        delta_path, json_path = write_run_artifacts(sparse_model, merged, model_dir, stem)
+        logging.info(f"Saved sparse delta to {delta_path} and sparsity report to {json_path}")
+    except Exception:  # noqa: BLE001
+        logging.exception(f"Could not write the sparse delta / sparsity report for {stem}")
 
 
 # ------------------------------------------------------------------------------------------ entry patches

@@ -1,0 +1,27 @@
+"""``mace_sparse calibrate``: the settings sweep behind the defaults (see ``mace_sparse.benchmarks.calibration``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers, name: str) -> None:
+    p = subparsers.add_parser(name, help="sweep sparse_str settings against full fine-tuning on bundled EMT data")
+    p.add_argument("--foundation_model", default=None, help="MACE .model to fine-tune (default: pretrain one)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="1 seed, 5 epochs: a smoke run, not evidence")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..benchmarks.calibration import markdown_table, run_calibration
+
+    seeds, epochs = (args.seeds, args.epochs) if not args.quick else ([0], 5)
+    report = run_calibration(args.foundation_model, seeds=seeds, epochs=epochs)
+    print(markdown_table(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+    return 0
