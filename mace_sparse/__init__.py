@@ -6,9 +6,6 @@ interpreter of the environment, and that must not pull in torch or MACE.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -25,17 +22,24 @@ _EXPORTS = {
     "threshold_parameters": "mace_sparse.sparse_model",
     "add_threshold_group": "mace_sparse.optim",
     "register_threshold_decay": "mace_sparse.optim",
+    "save_delta": "mace_sparse.artifacts.delta_file",
+    "load_delta": "mace_sparse.artifacts.delta_file",
+    "apply_delta": "mace_sparse.artifacts.delta_file",
+    "revert_delta": "mace_sparse.artifacts.delta_file",
+    "foundation_of": "mace_sparse.artifacts.foundation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mace_sparse' has no attribute {name!r}")
     if module != "mace_sparse.config":
         import mace  # noqa: F401  (mace must be imported before e3nn)
+    import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

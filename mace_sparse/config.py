@@ -63,9 +63,9 @@ class SparseConfig:
     targets: Tuple[str, ...] = DEFAULT_TARGETS
     init_threshold: float = 1e-3
     threshold_lr: Optional[float] = None
-    threshold_weight_decay: float = 0.3
+    threshold_weight_decay: float = 1.0
     granularity: str = "path"
-    delta_eps: float = 0.0
+    delta_eps: float = 1.0
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)

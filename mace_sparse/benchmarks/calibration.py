@@ -22,12 +22,12 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "emt"
 #: (label, settings) evaluated by default; ``None`` settings = full fine-tuning.
 DEFAULT_VARIANTS: Sequence = (
     ("full fine-tuning", None),
-    ("sparse_str, plain Adam, λ_τ=0.3", {"delta_eps": 0.0, "threshold_weight_decay": 0.3}),
-    ("sparse_str, plain Adam, λ_τ=3", {"delta_eps": 0.0, "threshold_weight_decay": 3.0}),
-    ("sparse_str, κ=0.3, λ_τ=0.3", {"delta_eps": 0.3, "threshold_weight_decay": 0.3}),
-    ("sparse_str, κ=0.3, λ_τ=1", {"delta_eps": 0.3, "threshold_weight_decay": 1.0}),
-    ("sparse_str, κ=1, λ_τ=1", {"delta_eps": 1.0, "threshold_weight_decay": 1.0}),
-    ("sparse_str, defaults", {}),
+    ("sparse_str defaults but plain Adam (κ=0)", {"delta_eps": 0.0}),
+    ("sparse_str defaults but λ_τ=0.3", {"threshold_weight_decay": 0.3}),
+    ("sparse_str defaults (κ=1, λ_τ=1, all, path)", {}),
+    ("sparse_str defaults but λ_τ=3", {"threshold_weight_decay": 3.0}),
+    ("sparse_str defaults but targets=linear", {"targets": "linear"}),
+    ("sparse_str defaults but granularity=layer", {"granularity": "layer"}),
 )
 
 

@@ -14,6 +14,8 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="1 seed, 5 epochs: a smoke run, not evidence")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
+    p.add_argument("--markdown", dest="markdown_path", default=None,
+                   help="also write the table (with the command and date) as markdown here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +23,15 @@ def run(args: argparse.Namespace) -> int:
 
     seeds, epochs = (args.seeds, args.epochs) if not args.quick else ([0], 5)
     report = run_calibration(args.foundation_model, seeds=seeds, epochs=epochs)
-    print(markdown_table(report))
+    table = markdown_table(report)
+    print(table)
+    if args.markdown_path:
+        import datetime
+        import sys
+
+        command = "mace_sparse " + " ".join(sys.argv[1:]) if sys.argv[1:] else "mace_sparse calibrate"
+        stamp = datetime.date.today().isoformat()
+        Path(args.markdown_path).write_text(f"Measured {stamp} with `{command}`.\n\n{table}\n")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2))
     return 0
