@@ -12,7 +12,14 @@ import sys
 from typing import List, Optional
 
 #: subcommand name -> module implementing it
-SUBCOMMANDS = {}
+SUBCOMMANDS = {
+    "apply": "mace_sparse.cli.apply",
+    "revert": "mace_sparse.cli.revert",
+    "report": "mace_sparse.cli.report",
+    "quickstart": "mace_sparse.cli.quickstart",
+    "calibrate": "mace_sparse.cli.calibrate",
+    "bench-step": "mace_sparse.cli.bench_step",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

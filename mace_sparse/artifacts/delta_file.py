@@ -1,0 +1,519 @@
+"""The sparse delta file: only what fine-tuning changed, enough to rebuild or undo it bit for bit.
+
+Why this format:
+
+* **safetensors**, so that reading a delta (which may come from anyone) never unpickles or executes code;
+  only ``apply``/``revert`` load the user's own ``.model`` pickle.
+* **Only changed entries.** An entry is "changed" when its bits differ between the merged model and the
+  foundation (bitwise, not ``!=``: ``W + 0`` turns ``-0.0`` into ``0.0``, and a tiny ΔW can round away).
+  Per tensor the file holds the compactly encoded flat indices (:mod:`.index_codec`) and two value arrays in
+  the tensor's own dtype, ``new`` (merged) and ``old`` (foundation). Storing values, not ΔW, makes ``apply``
+  an assignment instead of a floating-point addition, and ``old`` makes ``revert`` exact without the
+  foundation.
+* **Fingerprints** (:mod:`.fingerprint`) of the whole foundation state and of the whole merged state:
+  ``apply`` refuses a model that is not the foundation, ``revert`` one that is not the merged model, and both
+  re-check the result, so they either reproduce the exact model or write nothing.
+* **payload_sha256** over all metadata and tensors: a modified or damaged file is refused before use.
+* **Layout metadata** (per-layer/path/element counts, final δ, λ_τ, targets): the report works from the
+  file alone.
+
+Tensors in the file: ``index`` (uint8: the encoded indices of all tensors, concatenated), ``new.<dtype>`` and
+``old.<dtype>`` (the values of all tensors of that dtype, concatenated); the metadata ``entries`` table
+gives each model tensor's shape, dtype, encoding, count and offsets into them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import struct
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .atomic import PathLike, atomic_write_bytes
+from .fingerprint import model_fingerprint, update_with_tensor
+from .index_codec import IndexCodecError, decode_indices, encode_indices
+
+FORMAT = "mace-sparse-delta"
+FORMAT_VERSION = "1"
+#: Metadata values stored as JSON (everything else is a plain string).
+JSON_KEYS = (
+    "targets",
+    "threshold_weight_decay",
+    "sparse_config",
+    "atomic_numbers",
+    "entries",
+    "layers",
+    "changed_entries",
+    "total_entries",
+    "adapted_entries",
+    "changed_adapted_entries",
+)
+
+
+class DeltaFileError(ValueError):
+    """The file is not an intact mace-sparse delta (truncated, modified, or another format)."""
+
+
+class DeltaMismatchError(ValueError):
+    """The delta is intact but belongs to another model than the one it is applied to."""
+
+
+@dataclasses.dataclass
+class DeltaEntry:
+    """The changed entries of one state-dict tensor.
+
+    Attributes:
+        name: state-dict name (``interactions.0.linear.weight``).
+        shape: full shape of the tensor.
+        dtype: its dtype (the values below have it too).
+        indices: sorted flat indices (int64) of the changed entries.
+        new: values in the merged (fine-tuned) model at ``indices``.
+        old: values in the foundation at ``indices``.
+        parameter: whether the tensor is a parameter (counted in the sparsity figures) or a buffer.
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    indices: torch.Tensor
+    new: torch.Tensor
+    old: torch.Tensor
+    parameter: bool = True
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclasses.dataclass
+class SparseDelta:
+    """A loaded (or freshly built) delta: changed entries per tensor plus decoded metadata."""
+
+    entries: Dict[str, DeltaEntry]
+    metadata: Dict[str, Any]
+
+    @property
+    def foundation_fingerprint(self) -> str:
+        return str(self.metadata["foundation_fingerprint"])
+
+    @property
+    def merged_fingerprint(self) -> str:
+        return str(self.metadata["merged_fingerprint"])
+
+    @property
+    def layers(self) -> List[dict]:
+        return list(self.metadata.get("layers", []))
+
+    @property
+    def changed_entries(self) -> int:
+        return int(self.metadata["changed_entries"])
+
+    @property
+    def total_entries(self) -> int:
+        return int(self.metadata["total_entries"])
+
+
+# ------------------------------------------------------------------------------------------------ diffing
+
+
+def changed_mask(foundation: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (of the tensor's shape) of entries whose bits differ; works for every dtype."""
+    a = foundation.detach().to("cpu").contiguous().reshape(-1)
+    b = merged.detach().to("cpu").contiguous().reshape(-1)
+    if a.numel() == 0:
+        return torch.zeros(foundation.shape, dtype=torch.bool)
+    size = a.element_size()
+    bits_a = a.view(torch.uint8).view(-1, size)
+    bits_b = b.view(torch.uint8).view(-1, size)
+    return (bits_a != bits_b).any(dim=1).view(foundation.shape)
+
+
+def diff_models(
+    foundation: torch.nn.Module, merged: torch.nn.Module
+) -> Tuple[Dict[str, DeltaEntry], Dict[str, torch.Tensor]]:
+    """Changed entries of every state-dict tensor (parameters and buffers) and their masks."""
+    state_f = foundation.state_dict()
+    state_m = merged.state_dict()
+    if set(state_f) != set(state_m):
+        missing = sorted(set(state_f) ^ set(state_m))
+        raise ValueError(f"the models have different state-dict entries (e.g. {missing[0]!r}); not one fine-tune")
+    parameter_names = {name for name, _ in merged.named_parameters()}
+    entries: Dict[str, DeltaEntry] = {}
+    masks: Dict[str, torch.Tensor] = {}
+    for name in sorted(state_f):
+        old_t, new_t = state_f[name], state_m[name]
+        if old_t.shape != new_t.shape or old_t.dtype != new_t.dtype:
+            raise ValueError(
+                f"{name}: {tuple(old_t.shape)} {old_t.dtype} in the foundation but "
+                f"{tuple(new_t.shape)} {new_t.dtype} in the merged model"
+            )
+        mask = changed_mask(old_t, new_t)
+        if not bool(mask.any()):
+            continue
+        indices = torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
+        entries[name] = DeltaEntry(
+            name=name,
+            shape=tuple(old_t.shape),
+            dtype=old_t.dtype,
+            indices=indices,
+            new=new_t.detach().to("cpu").reshape(-1)[indices].clone(),
+            old=old_t.detach().to("cpu").reshape(-1)[indices].clone(),
+            parameter=name in parameter_names,
+        )
+        masks[name] = mask
+    return entries, masks
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _package_version(dist: str, module: str) -> str:
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        imported = __import__(module)
+        return str(getattr(imported, "__version__", "unknown"))
+
+
+def build_delta(
+    sparse_model: torch.nn.Module,
+    merged: Optional[torch.nn.Module] = None,
+    foundation: Optional[torch.nn.Module] = None,
+) -> SparseDelta:
+    """The delta of a sparse-trainable model against its own foundation (nothing written).
+
+    Args:
+        sparse_model: the model made by :func:`~mace_sparse.get_sparse_model` (before merging).
+        merged: its merged plain model if already made (``merge_and_unload(copy.deepcopy(m))`` otherwise).
+        foundation: its plain foundation if already made (:func:`~mace_sparse.artifacts.foundation.foundation_of`
+            otherwise).
+    """
+    from .. import __version__
+    from ..sparse_model import is_sparse_model, merge_and_unload, sparse_config_of
+    from .foundation import foundation_of
+    from .layout import layer_records
+
+    model = getattr(sparse_model, "module", sparse_model)
+    if not is_sparse_model(model):
+        raise ValueError(
+            "save_delta() needs the sparse-trainable model: call it before merge_and_unload() "
+            "(or on the model get_sparse_model() returned)"
+        )
+    if foundation is None:
+        foundation = foundation_of(model)
+    if merged is None:
+        merged = merge_and_unload(copy.deepcopy(model))
+    entries, masks = diff_models(foundation, merged)
+    layers = layer_records(model, foundation, masks)
+    config = sparse_config_of(model)
+    atomic_numbers = getattr(foundation, "atomic_numbers", None)
+    metadata: Dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mace_sparse_version": __version__,
+        "mace_torch_version": _package_version("mace-torch", "mace"),
+        "torch_version": torch.__version__,
+        "foundation_fingerprint": model_fingerprint(foundation),
+        "merged_fingerprint": model_fingerprint(merged),
+        "targets": list(config.targets),
+        "granularity": config.granularity,
+        "threshold_weight_decay": float(config.threshold_weight_decay),
+        "sparse_config": config.to_dict(),
+        "atomic_numbers": [int(z) for z in atomic_numbers.tolist()] if atomic_numbers is not None else [],
+        "changed_entries": sum(e.count for e in entries.values() if e.parameter),
+        "total_entries": sum(p.numel() for p in merged.parameters()),
+        "adapted_entries": sum(r["size"] for r in layers),
+        "changed_adapted_entries": sum(r["changed"] for r in layers),
+        "layers": layers,
+    }
+    return SparseDelta(entries=entries, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------ serialising
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise DeltaFileError(f"unknown dtype {name!r} in the delta metadata")
+    return dtype
+
+
+def payload_sha256(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every metadata item (except the hash itself) and every tensor, in sorted order."""
+    digest = hashlib.sha256(b"mace-sparse delta payload v1\0")
+    for key in sorted(metadata):
+        if key == "payload_sha256":
+            continue
+        digest.update(f"{key}\0{metadata[key]}\0".encode("utf-8"))
+    for name in sorted(tensors):
+        update_with_tensor(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
+#: Columns of the per-layer records as stored (columnar: the keys are not repeated for every layer).
+LAYER_COLUMNS = ("name", "kind", "shape", "size", "changed", "threshold_granularity", "path_labels", "path_size",
+                 "path_changed", "path_threshold", "element_size", "element_changed")
+
+
+def _layers_to_columns(layers: List[dict]) -> dict:
+    return {"columns": list(LAYER_COLUMNS), "rows": [[r.get(c) for c in LAYER_COLUMNS] for r in layers]}
+
+
+def _layers_from_columns(stored: dict) -> List[dict]:
+    columns = list(stored["columns"])
+    return [{c: v for c, v in zip(columns, row) if v is not None} for row in stored["rows"]]
+
+
+def _encode_metadata(metadata: Mapping[str, Any]) -> Dict[str, str]:
+    raw = {}
+    for key, value in metadata.items():
+        if key == "layers":
+            value = _layers_to_columns(value)
+        raw[key] = json.dumps(value, separators=(",", ":")) if key in JSON_KEYS else str(value)
+    return raw
+
+
+def _decode_metadata(raw: Mapping[str, str]) -> Dict[str, Any]:
+    decoded: Dict[str, Any] = {}
+    for key, value in raw.items():
+        decoded[key] = json.loads(value) if key in JSON_KEYS else value
+    if "layers" in decoded:
+        decoded["layers"] = _layers_from_columns(decoded["layers"])
+    return decoded
+
+
+#: Columns of the entry table in the metadata (one row per changed tensor, columnar to keep the header small).
+ENTRY_COLUMNS = ("name", "shape", "dtype", "encoding", "count", "parameter", "index_offset", "index_bytes",
+                 "value_offset")
+
+
+def delta_to_bytes(delta: SparseDelta) -> bytes:
+    """Serialise a delta to safetensors bytes (metadata gets the entry table and the payload hash).
+
+    All index bytes go into one ``index`` tensor and all values of one dtype into one ``new.<dtype>`` and one
+    ``old.<dtype>`` tensor, addressed by offsets in the entry table: a safetensors header line per model
+    tensor would otherwise cost more than the changes themselves in a small, very sparse delta.
+    """
+    from safetensors.torch import save
+
+    index_parts: List[bytes] = []
+    index_offset = 0
+    new_parts: Dict[str, List[torch.Tensor]] = {}
+    old_parts: Dict[str, List[torch.Tensor]] = {}
+    value_offset: Dict[str, int] = {}
+    rows = []
+    for name, entry in sorted(delta.entries.items()):
+        encoding, data = encode_indices(entry.indices.numpy(), entry.numel)
+        dtype = _dtype_name(entry.dtype)
+        start = value_offset.get(dtype, 0)
+        rows.append([name, list(entry.shape), dtype, encoding, entry.count, bool(entry.parameter),
+                     index_offset, len(data), start])
+        index_parts.append(data)
+        index_offset += len(data)
+        new_parts.setdefault(dtype, []).append(entry.new.reshape(-1))
+        old_parts.setdefault(dtype, []).append(entry.old.reshape(-1))
+        value_offset[dtype] = start + entry.count
+    tensors: Dict[str, torch.Tensor] = {}
+    blob = b"".join(index_parts)
+    if blob:
+        tensors["index"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    for dtype in new_parts:
+        tensors[f"new.{dtype}"] = torch.cat(new_parts[dtype]).contiguous()
+        tensors[f"old.{dtype}"] = torch.cat(old_parts[dtype]).contiguous()
+    metadata = {k: v for k, v in delta.metadata.items() if k not in ("entries", "payload_sha256")}
+    metadata["entries"] = {"columns": list(ENTRY_COLUMNS), "rows": rows}
+    raw = _encode_metadata(metadata)
+    raw["payload_sha256"] = payload_sha256(raw, tensors)
+    return save(tensors, metadata=raw)
+
+
+def write_delta(delta: SparseDelta, path: PathLike) -> Path:
+    """Write a delta file atomically (temp file + rename)."""
+    return atomic_write_bytes(path, delta_to_bytes(delta))
+
+
+def save_delta(
+    sparse_model: torch.nn.Module,
+    path: PathLike,
+    merged: Optional[torch.nn.Module] = None,
+    foundation: Optional[torch.nn.Module] = None,
+) -> SparseDelta:
+    """Write ``path`` (``*.safetensors``) with the delta of ``sparse_model``; returns the delta.
+
+    Like peft's ``save_pretrained`` for an adapter: call it on the sparse-trainable model (before or instead of
+    ``merge_and_unload``). ``merged``/``foundation`` skip recomputing them when the caller already has them.
+    """
+    delta = build_delta(sparse_model, merged=merged, foundation=foundation)
+    write_delta(delta, path)
+    return delta
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_header(data: bytes, where: str) -> Dict[str, str]:
+    if len(data) < 8:
+        raise DeltaFileError(f"{where} is truncated or not a safetensors file ({len(data)} bytes)")
+    (size,) = struct.unpack("<Q", data[:8])
+    if 8 + size > len(data):
+        raise DeltaFileError(f"{where} is truncated: its header needs {size} bytes, the file has {len(data) - 8}")
+    try:
+        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DeltaFileError(f"{where} has a corrupted header ({exc.__class__.__name__}); not a delta file") from exc
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise DeltaFileError(f"{where} is not a mace-sparse delta file (no '{FORMAT}' metadata)")
+    return metadata
+
+
+def delta_from_bytes(data: bytes, where: str = "delta file") -> SparseDelta:
+    """Parse and verify delta bytes; raises :class:`DeltaFileError` for anything not intact."""
+    from safetensors.torch import load
+
+    raw = _read_header(data, where)
+    try:
+        tensors = load(data)
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error type for damaged buffers)
+        raise DeltaFileError(f"{where} is truncated or corrupted ({' '.join(str(exc).split())[:200]})") from exc
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise DeltaFileError(
+            f"{where} has delta format version {raw.get('format_version')!r}; this mace-sparse reads "
+            f"version {FORMAT_VERSION}"
+        )
+    stored = raw.get("payload_sha256")
+    if not stored or payload_sha256(raw, tensors) != stored:
+        raise DeltaFileError(f"{where} failed its integrity check (payload sha256 mismatch): modified or corrupted")
+    try:
+        metadata = _decode_metadata(raw)
+        table = metadata["entries"]
+        if list(table["columns"]) != list(ENTRY_COLUMNS):
+            raise DeltaFileError(f"{where} has an unknown entry table layout {table['columns']}")
+        blob = tensors["index"].numpy().tobytes() if "index" in tensors else b""
+        entries = {}
+        for row in table["rows"]:
+            info = dict(zip(ENTRY_COLUMNS, row))
+            name, count = str(info["name"]), int(info["count"])
+            dtype = _dtype_from_name(info["dtype"])
+            shape = tuple(int(s) for s in info["shape"])
+            numel = int(torch.Size(shape).numel())
+            start, size = int(info["index_offset"]), int(info["index_bytes"])
+            if start < 0 or start + size > len(blob):
+                raise DeltaFileError(f"{where}: index bytes of {name} lie outside the index tensor")
+            indices = decode_indices(info["encoding"], blob[start : start + size], numel, count)
+            values = {}
+            for label in ("new", "old"):
+                stored = tensors[f"{label}.{info['dtype']}"]
+                first = int(info["value_offset"])
+                if stored.dtype != dtype or first < 0 or first + count > stored.numel():
+                    raise DeltaFileError(f"{where}: {label} values of {name} do not match the entry table")
+                values[label] = stored[first : first + count].clone()
+            entries[name] = DeltaEntry(
+                name=name,
+                shape=shape,
+                dtype=dtype,
+                indices=torch.from_numpy(np.ascontiguousarray(indices)),
+                new=values["new"],
+                old=values["old"],
+                parameter=bool(info["parameter"]),
+            )
+    except (KeyError, TypeError, ValueError, IndexCodecError) as exc:
+        if isinstance(exc, DeltaFileError):
+            raise
+        raise DeltaFileError(f"{where} has inconsistent contents ({type(exc).__name__}: {exc})") from exc
+    return SparseDelta(entries=entries, metadata=metadata)
+
+
+def load_delta(path: PathLike) -> SparseDelta:
+    """Read and verify a delta file (no code is executed; integrity is checked before anything is used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such delta file: {path}")
+    return delta_from_bytes(path.read_bytes(), where=str(path))
+
+
+# ------------------------------------------------------------------------------------- applying, reverting
+
+
+def _as_delta(delta: Union[SparseDelta, PathLike]) -> SparseDelta:
+    return delta if isinstance(delta, SparseDelta) else load_delta(delta)
+
+
+def _check_fingerprint(model: torch.nn.Module, expected: str, role: str, hint: str) -> None:
+    got = model_fingerprint(model)
+    if got != expected:
+        raise DeltaMismatchError(
+            f"this delta was made for a different {role} (fingerprint {expected[:12]}…, "
+            f"given model {got[:12]}…); {hint}"
+        )
+
+
+@torch.no_grad()
+def _write_values(model: torch.nn.Module, delta: SparseDelta, which: str) -> None:
+    state = model.state_dict(keep_vars=True)
+    for name, entry in delta.entries.items():
+        tensor = state.get(name)
+        if tensor is None or tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+            raise DeltaMismatchError(f"the model has no tensor {name} of shape {entry.shape} and dtype {entry.dtype}")
+        target = tensor.detach()
+        flat = target.reshape(-1).clone()
+        flat[entry.indices.to(flat.device)] = getattr(entry, which).to(flat.device)
+        target.copy_(flat.view(target.shape))
+
+
+def apply_delta(
+    foundation_model: torch.nn.Module, delta: Union[SparseDelta, PathLike], inplace: bool = False
+) -> torch.nn.Module:
+    """The fine-tuned (merged) model, rebuilt from its foundation and the delta, bit for bit.
+
+    Refuses (:class:`DeltaMismatchError`) a model that is not the delta's foundation, before changing anything.
+    Returns a new model unless ``inplace``.
+    """
+    delta = _as_delta(delta)
+    _check_fingerprint(
+        foundation_model,
+        delta.foundation_fingerprint,
+        "foundation",
+        "give the foundation the run started from (`mace_sparse revert` rebuilds it from the fine-tuned model)",
+    )
+    model = foundation_model if inplace else copy.deepcopy(foundation_model)
+    _write_values(model, delta, "new")
+    _check_fingerprint(model, delta.merged_fingerprint, "result", "the delta file is inconsistent")
+    return model
+
+
+def revert_delta(
+    model: torch.nn.Module, delta: Union[SparseDelta, PathLike], inplace: bool = False
+) -> torch.nn.Module:
+    """The foundation, recovered from the fine-tuned (merged) model and the delta, bit for bit.
+
+    Refuses (:class:`DeltaMismatchError`) a model that is not the delta's merged model. Returns a new model
+    unless ``inplace``.
+    """
+    delta = _as_delta(delta)
+    _check_fingerprint(
+        model,
+        delta.merged_fingerprint,
+        "fine-tuned model",
+        "give the .model file written by the same run as this delta",
+    )
+    result = model if inplace else copy.deepcopy(model)
+    _write_values(result, delta, "old")
+    _check_fingerprint(result, delta.foundation_fingerprint, "result", "the delta file is inconsistent")
+    return result

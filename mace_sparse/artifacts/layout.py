@@ -1,0 +1,115 @@
+"""Where each changed entry of an adapted weight sits: its layer, irrep path and chemical element.
+
+The report must work from the delta file alone, long after the model is gone, so the layout is resolved
+once at save time (from :func:`mace_sparse.model_walker.find_targets`, the same description that drove the
+per-path thresholds) and stored as plain per-layer records with per-path and per-element counts.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import reparametrization as rp
+from ..config import TARGET_KINDS
+from ..model_walker import TargetWeight, find_targets
+
+
+def _blocks_along(shapes: List[tuple], axis: int) -> torch.Tensor:
+    """Index along ``axis`` of every entry of consecutive flat instruction blocks of the given shapes."""
+    parts = []
+    for shape in shapes:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        parts.append(torch.arange(shape[axis]).view(view).expand(shape).reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def element_index(target: TargetWeight, model: torch.nn.Module, num_elements: int) -> Optional[torch.Tensor]:
+    """Element (position in ``model.atomic_numbers``) of every entry of an element-dependent weight, else None.
+
+    * symmetric contraction: axis 0 of the weight is the element;
+    * skip tensor product whose second input is the one-hot element: axis 1 of each path block
+      ``(mul_in1, num_elements, mul_out)``;
+    * node embedding ``o3.Linear``: its input is the one-hot element, so the rows (``mul_in``) are elements.
+    """
+    weight = target.owner._parameters[target.name]
+    if target.kind == "contraction" and target.element_axis == 0 and weight.shape[0] == num_elements:
+        return torch.arange(num_elements).view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape).contiguous()
+    if target.kind == "skip_tp" and target.element_axis == -1:
+        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.has_weight]
+        if all(len(s) == 3 and s[1] == num_elements for s in shapes):
+            return _blocks_along(shapes, 1).view(weight.shape)
+    embedding = getattr(getattr(model, "node_embedding", None), "linear", None)
+    if target.kind == "linear" and target.owner is embedding:
+        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions]
+        if all(len(s) == 2 and s[0] == num_elements for s in shapes):
+            return _blocks_along(shapes, 0).view(weight.shape)
+    return None
+
+
+def _thresholds_per_path(sparse_model: torch.nn.Module, num_paths: Dict[str, int]) -> Dict[str, List[float]]:
+    """Final δ = sigmoid(score) of each adapted weight, one value per path (a layer δ is repeated)."""
+    out = {}
+    for qualified, owner, name in rp.iter_reparametrized(sparse_model):
+        scores = owner._parameters[rp.SCORE.format(name)].detach()
+        # 7 significant digits: δ is for reading, and full float64 reprs would dominate a small delta file
+        values = [float(f"{v:.7g}") for v in torch.sigmoid(scores).double().reshape(-1).tolist()]
+        paths = num_paths.get(qualified, len(values))
+        out[qualified] = values if len(values) == paths else [values[0]] * paths
+    return out
+
+
+def layer_records(
+    sparse_model: torch.nn.Module,
+    foundation: torch.nn.Module,
+    changed: Dict[str, torch.Tensor],
+) -> List[dict]:
+    """One JSON-ready record per adapted weight, with per-path and per-element counts.
+
+    Args:
+        sparse_model: the sparse-trainable model (source of the adapted names and of δ).
+        foundation: its plain foundation (:func:`foundation_of`), used to resolve the layouts.
+        changed: boolean change mask per state-dict name (entries where merged differs from foundation).
+    """
+    model = getattr(sparse_model, "module", sparse_model)
+    adapted = [q for q, _, _ in rp.iter_reparametrized(model)]
+    targets = {t.qualified_name: t for t in find_targets(foundation, TARGET_KINDS)}
+    atomic_numbers = getattr(foundation, "atomic_numbers", None)
+    num_elements = int(atomic_numbers.numel()) if isinstance(atomic_numbers, torch.Tensor) else 0
+    params = dict(foundation.named_parameters())
+    num_paths = {q: len(targets[q].path_labels) for q in adapted if q in targets}
+    thresholds = _thresholds_per_path(model, num_paths)
+    granularity = {
+        q: ("path" if owner._buffers.get(rp.SEGMENTS.format(name)) is not None else "layer")
+        for q, owner, name in rp.iter_reparametrized(model)
+    }
+    records = []
+    for qualified in adapted:
+        weight = params[qualified]
+        mask = changed.get(qualified, torch.zeros(weight.shape, dtype=torch.bool)).reshape(weight.shape)
+        target = targets.get(qualified)
+        if target is not None:
+            labels, path_index = list(target.path_labels), target.path_index.reshape(weight.shape)
+            kind = target.kind
+        else:  # adapted but no longer recognised (should not happen): one path for the whole tensor
+            labels, path_index, kind = ["all"], torch.zeros(weight.shape, dtype=torch.long), "unknown"
+        record = {
+            "name": qualified,
+            "kind": kind,
+            "shape": list(weight.shape),
+            "size": int(weight.numel()),
+            "changed": int(mask.sum()),
+            "threshold_granularity": granularity[qualified],
+            "path_labels": labels,
+            "path_size": torch.bincount(path_index.reshape(-1), minlength=len(labels)).tolist(),
+            "path_changed": torch.bincount(path_index[mask], minlength=len(labels)).tolist(),
+            "path_threshold": thresholds[qualified],
+        }
+        elements = element_index(target, foundation, num_elements) if target is not None and num_elements else None
+        if elements is not None:
+            record["element_size"] = torch.bincount(elements.reshape(-1), minlength=num_elements).tolist()
+            record["element_changed"] = torch.bincount(elements[mask], minlength=num_elements).tolist()
+        records.append(record)
+    return records

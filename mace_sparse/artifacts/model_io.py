@@ -1,0 +1,50 @@
+"""Load and save whole MACE ``.model`` files for the command line, quietly and atomically.
+
+MACE and e3nn print notices on import (one on stdout, warnings on stderr); the CLI promises machine-readable
+stdout (``--json``) and a single error line on stderr, so those notices are kept out of both here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import torch
+
+from .atomic import PathLike, atomic_write_with
+
+
+def import_mace_quietly() -> None:
+    """``import mace`` (always before e3nn) without its import-time notices."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        import mace  # noqa: F401
+        import mace.modules  # noqa: F401
+
+
+def load_model(path: PathLike) -> torch.nn.Module:
+    """A full MACE model saved with ``torch.save`` (a pickle: only load files you trust)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    import_mace_quietly()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001  (any unpickling failure means "not a model file")
+        raise ValueError(f"cannot load {path} as a MACE model: {type(exc).__name__}: {_one_line(exc)}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a MACE model (torch.nn.Module)")
+    return model
+
+
+def save_model(model: torch.nn.Module, path: PathLike) -> Path:
+    """``torch.save`` the whole model to ``path`` via a temporary file and a rename."""
+    return atomic_write_with(path, lambda tmp: torch.save(model, tmp))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]

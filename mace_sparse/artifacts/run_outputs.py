@@ -1,0 +1,32 @@
+"""The files a ``mace_run_train --finetune-method sparse_str`` run writes next to ``<name>.model``.
+
+Called from the patched save-time ``deepcopy`` (:mod:`mace_sparse.integration.mace_patches`) with the same
+API a Python user has (:func:`build_delta`, :func:`write_delta`), so a run's delta and a hand-made one are
+the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+from .atomic import PathLike
+from .delta_file import build_delta, write_delta
+from .report import report_data, write_sparsity_json
+
+DELTA_SUFFIX = "_sparse_delta.safetensors"
+SPARSITY_SUFFIX = "_sparsity.json"
+
+
+def write_run_artifacts(
+    sparse_model: torch.nn.Module, merged: torch.nn.Module, model_dir: PathLike, stem: str
+) -> Tuple[Path, Path]:
+    """Write ``<stem>_sparse_delta.safetensors`` and ``<stem>_sparsity.json`` into ``model_dir`` (atomically)."""
+    directory = Path(model_dir)
+    delta = build_delta(sparse_model, merged=merged)
+    delta_path = write_delta(delta, directory / f"{stem}{DELTA_SUFFIX}")
+    json_path = directory / f"{stem}{SPARSITY_SUFFIX}"
+    write_sparsity_json(delta, json_path, report_data(delta))
+    return delta_path, json_path
