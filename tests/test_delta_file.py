@@ -1,14 +1,17 @@
 """The sparse delta file: apply/revert bit for bit, refusals, the size bound, a custom loop and a real run.
 
 Most tests make a sparse model of the tiny float64 foundation and set its latent deltas directly (a chosen
-set of entries beyond the threshold δ), which gives many changed entries without training. One test trains
-with a plain PyTorch loop through the Python API, one runs the real ``mace_run_train``.
+set of entries beyond the threshold δ), which gives many changed entries without training. The size bound
+is also checked on a mid-size ScaleShiftMACE with realistic (small, relative) changes, whose file is dominated
+by its parameters like that of a large foundation. One test trains with a plain PyTorch loop through the
+Python API, one runs the real ``mace_run_train``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import struct
 import subprocess
 
 import mace  # noqa: F401  (before e3nn)
@@ -28,7 +31,19 @@ from mace_sparse import (
     save_delta,
 )
 from mace_sparse import reparametrization as rp
-from mace_sparse.artifacts.delta_file import DeltaFileError, DeltaMismatchError, changed_mask
+from mace_sparse.artifacts import value_codec
+from mace_sparse.artifacts.delta_file import (
+    FORMAT,
+    FORMAT_VERSION,
+    DeltaFileError,
+    DeltaMismatchError,
+    SparseDelta,
+    changed_mask,
+    delta_from_bytes,
+    delta_to_bytes,
+    diff_models,
+    payload_sha256,
+)
 from mace_sparse.artifacts.fingerprint import model_fingerprint
 from mace_sparse.artifacts.index_codec import decode_indices, encode_indices
 from mace_sparse.cli import main as cli_main
@@ -99,6 +114,15 @@ def sparse_case(base_case, tmp_path):
     path = tmp_path / "ft_sparse_delta.safetensors"
     path.write_bytes(data)
     return copy.deepcopy(foundation), copy.deepcopy(sparse), copy.deepcopy(merged), path
+
+
+def stored_sizes(path):
+    """(header bytes, {tensor name: (dtype, stored bytes)}) of a safetensors file, read directly."""
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header.pop("__metadata__")
+    return size, {k: (v["dtype"], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
 
 
 def run_cli(argv, capsys):
@@ -291,9 +315,249 @@ def test_file_size_at_95_percent_sparsity_is_within_5_percent_of_the_model(found
     print(f"\nsparsity {100 * sparsity:.2f} %: delta {delta_size} B, model {model_size} B, "
           f"ratio {100 * delta_size / model_size:.2f} %")
     assert delta_size <= 0.05 * model_size
-    # the values cost what they must (two arrays of float64) and the index less than a byte per entry
-    values = {name: e.count for name, e in delta.entries.items()}
-    assert delta_size < 16 * sum(values.values()) + 2 * sum(values.values()) + 12_000
+    # one value array (the XOR of new and old bits, compressed), never two; the index under a byte per entry
+    count = sum(e.count for e in delta.entries.values())
+    _, tensors = stored_sizes(tmp_path / "d.safetensors")
+    assert set(tensors) == {"index", "xor.float64"} and {t[0] for t in tensors.values()} == {"U8"}
+    assert tensors["xor.float64"][1] < 8 * count
+    assert tensors["index"][1] < count
+
+
+def build_scale_shift_mace(channels=64, max_L=1, correlation=2, num_elements=10, seed=0):
+    """A float64 ScaleShiftMACE built directly (no training): two interactions, MACE's default radial and
+    product settings. With correlation 2 its parameters make up ~90 % of the ``.model`` file, as in a large
+    foundation (correlation 3 adds megabytes of constant U matrices and takes ~1 min to build)."""
+    from e3nn import o3
+    from mace import modules
+
+    torch.manual_seed(seed)
+    irreps = " + ".join(f"{channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(max_L + 1))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = modules.ScaleShiftMACE(
+            r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
+            num_interactions=2, num_elements=num_elements, hidden_irreps=o3.Irreps(irreps),
+            MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(num_elements), avg_num_neighbors=10.0,
+            atomic_numbers=list(range(1, num_elements + 1)), correlation=correlation,
+            gate=torch.nn.functional.silu, radial_MLP=[64, 64, 64], atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.double()
+
+
+def make_realistic_sparse_model(foundation, fraction, seed=0):
+    """A sparse model of ``foundation`` whose merged weights differ on ``floor(fraction * all parameters)``
+    random adapted entries by a fine-tuning-sized change, ``W·1e-2·z₁ + 1e-3·z₂`` (z standard normal); the
+    thresholds are set to ~1e-304 so that the merged value is W + ΔW."""
+    model = get_sparse_model(copy.deepcopy(foundation), SparseConfig())
+    state = foundation.state_dict()
+    items = list(rp.iter_reparametrized(model))
+    weights = torch.cat([state[qualified].reshape(-1) for qualified, _, _ in items])
+    sizes = [state[qualified].numel() for qualified, _, _ in items]
+    total = sum(p.numel() for p in foundation.parameters())
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(weights.numel(), generator=g)[: int(fraction * total)]
+    change = torch.zeros(weights.numel(), dtype=torch.float64)
+    change[chosen] = (weights[chosen] * 1e-2 * torch.randn(chosen.numel(), generator=g, dtype=torch.float64)
+                      + 1e-3 * torch.randn(chosen.numel(), generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        for (_, owner, name), part in zip(items, torch.split(change, sizes)):
+            owner._parameters[rp.SCORE.format(name)].fill_(-700.0)
+            delta = owner._parameters[rp.DELTA.format(name)]
+            delta.copy_(part.view(delta.shape))
+    return model
+
+
+def test_file_size_bound_on_a_mid_size_model_with_realistic_changes(tmp_path):
+    """The case that broke the bound with two value arrays: a model file made of float64 parameters. Five
+    percent of every adapted weight changes by a realistic amount; the delta must stay within 5 % of the file."""
+    foundation = build_scale_shift_mace()
+    total = sum(p.numel() for p in foundation.parameters())
+    sparse = make_realistic_sparse_model(foundation, 0.05, seed=1)
+    merged = merge_and_unload(copy.deepcopy(sparse))
+    model_file = tmp_path / "ft.model"
+    torch.save(merged, model_file)
+    delta_file = tmp_path / "ft_sparse_delta.safetensors"
+    delta = save_delta(sparse, delta_file, merged=merged, foundation=foundation)
+    assert delta.changed_entries == int(0.05 * total)  # exactly 95 % unchanged (up to rounding)
+    assert 1.0 - delta.changed_entries / delta.total_entries >= 0.95
+    delta_size, model_size = delta_file.stat().st_size, model_file.stat().st_size
+    header, tensors = stored_sizes(delta_file)
+    count = delta.changed_entries
+    print(f"\n{total} parameters ({8 * total / model_size:.0%} of the model file), {count} changed: "
+          f"delta {delta_size} B (header {header} B, index {tensors['index'][1] / count:.2f} B/entry, "
+          f"values {tensors['xor.float64'][1] / count:.2f} B/entry), model {model_size} B, "
+          f"ratio {100 * delta_size / model_size:.2f} %")
+    assert 8 * total > 0.8 * model_size  # the parameters dominate the file, as in a large foundation
+    assert delta_size <= 0.05 * model_size
+    # relative changes of ~1e-2 leave ~50 random bits of 64 in the XOR: well under 8 B per entry stored
+    assert tensors["xor.float64"][1] < 7.0 * count
+    assert tensors["index"][1] < 1.0 * count
+    # and the compressed file is still exact both ways
+    loaded = load_delta(delta_file)
+    assert state_equal(apply_delta(foundation, loaded), merged)
+    assert state_equal(revert_delta(merged, loaded), foundation)
+
+
+# ------------------------------------------------------------------------------------- values: XOR codec
+
+
+def _special_values(dtype):
+    """Values whose bits a floating-point round trip would lose: -0.0, NaN payloads, ±inf, subnormals."""
+    if dtype == torch.bool:
+        return torch.tensor([True, False, True, True, False])
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        return torch.tensor([0, 1, info.min, info.max, 100], dtype=dtype)
+    info = torch.finfo(dtype)
+    base = torch.tensor([0.0, 1.0, float("inf"), -float("inf"), 0.1], dtype=dtype)
+    base[4] = info.tiny / 4  # subnormal
+    base = torch.cat([base, torch.tensor([-0.0, float("nan")], dtype=dtype)])
+    bits = base.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[base.element_size()]).clone()
+    bits[-1] |= 3  # a NaN with a payload
+    return bits.view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.int32, torch.uint8, torch.bool])
+def test_xor_gives_new_from_old_and_old_from_new_bit_for_bit(dtype):
+    old = _special_values(dtype)
+    new = old.flip(0).clone()
+    xor = value_codec.xor_bits(new, old)
+    assert xor.dtype == torch.uint8 and tuple(xor.shape) == (old.numel(), old.element_size())
+    for source, target in ((old, new), (new, old)):
+        got = value_codec.apply_xor(source, xor)
+        assert got.dtype == dtype
+        assert torch.equal(value_codec.value_bytes(got), value_codec.value_bytes(target))
+    # the byte-shuffle is lossless
+    data = value_codec.shuffle(xor)
+    assert torch.equal(value_codec.unshuffle(data, old.numel(), old.element_size()), xor)
+
+
+def test_close_values_give_a_compressible_xor():
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(20000, generator=g, dtype=torch.float64)
+    new = old * (1 + 1e-2 * torch.randn(20000, generator=g, dtype=torch.float64))
+    xor = value_codec.xor_bits(new, old)
+    assert float((xor[:, 7] != 0).double().mean()) < 0.01  # sign, top exponent bits: equal unless 2^k is crossed
+    codec, data = value_codec.compress(value_codec.shuffle(xor))
+    assert codec in ("zlib", "lzma") and len(data) < 6.6 * 20000
+    assert value_codec.decompress(codec, data, xor.numel()) == value_codec.shuffle(xor)
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+def test_decompress_refuses_wrong_sizes_and_corrupted_streams(codec):
+    import lzma
+    import zlib
+
+    raw = bytes(range(256)) * 40
+    data = zlib.compress(raw, 9) if codec == "zlib" else lzma.compress(raw)
+    assert value_codec.decompress(codec, data, len(raw)) == raw
+    for size in (len(raw) - 1, len(raw) + 1, 0):
+        with pytest.raises(value_codec.ValueCodecError):
+            value_codec.decompress(codec, data, size)
+    with pytest.raises(value_codec.ValueCodecError):
+        value_codec.decompress(codec, data[: len(data) // 2], len(raw))
+    with pytest.raises(value_codec.ValueCodecError):
+        value_codec.decompress(codec, data + b"\0", len(raw))
+    broken = bytearray(data)
+    broken[len(broken) // 2] ^= 0xFF
+    with pytest.raises(value_codec.ValueCodecError):
+        value_codec.decompress(codec, bytes(broken), len(raw))
+    with pytest.raises(value_codec.ValueCodecError, match="unknown codec"):
+        value_codec.decompress("pickle", data, len(raw))
+
+
+class _MixedDtypes(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(300, generator=g, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.randn(7, 40, generator=g).to(torch.float32))
+        self.c = torch.nn.Parameter(torch.randn(500, generator=g).to(torch.bfloat16))
+        self.d = torch.nn.Parameter(torch.randn(64, generator=g).to(torch.float16))
+        self.register_buffer("n", torch.arange(10, dtype=torch.int64))
+        self.register_buffer("flag", torch.tensor([True, False, True]))
+
+
+def test_mixed_dtypes_apply_and_revert_through_the_file(tmp_path):
+    """One XOR stream per dtype; -0.0 and NaN payloads, buffers and fully changed tensors come back exactly."""
+    foundation = _MixedDtypes()
+    merged = copy.deepcopy(foundation)
+    with torch.no_grad():
+        merged.a[::7] *= 1.001
+        merged.a[3] = -0.0
+        merged.b[2, ::3] += 1e-3
+        merged.c[100:140] = torch.nan
+        merged.d.mul_(-1)  # every entry changed ("all" index encoding)
+        merged.n[4] = -5
+        merged.flag[1] = True
+    entries, _ = diff_models(foundation, merged)
+    assert set(entries) == {"a", "b", "c", "d", "n", "flag"}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "foundation_fingerprint":
+                model_fingerprint(foundation), "merged_fingerprint": model_fingerprint(merged)}
+    data = delta_to_bytes(SparseDelta(entries=entries, metadata=metadata))
+    (tmp_path / "d.safetensors").write_bytes(data)
+    _, tensors = stored_sizes(tmp_path / "d.safetensors")
+    assert set(tensors) == {"index", "xor.float64", "xor.float32", "xor.bfloat16", "xor.float16", "xor.int64",
+                            "xor.bool"}
+    loaded = delta_from_bytes(data)
+
+    def bits_equal(x, y):  # not torch.equal: NaN != NaN
+        sx, sy = x.state_dict(), y.state_dict()
+        return sx.keys() == sy.keys() and all(
+            sx[k].dtype == sy[k].dtype and not bool(changed_mask(sx[k], sy[k]).any()) for k in sx
+        )
+
+    assert bits_equal(apply_delta(foundation, loaded), merged)
+    assert bits_equal(revert_delta(merged, loaded), foundation)
+    assert not bits_equal(foundation, merged)
+
+
+def _rewrite(path, edit_tensors=None, edit_metadata=None):
+    """Change a delta file's tensors or metadata and re-seal it with a matching payload hash, as a deliberate
+    forgery would: the checks behind the hash must still refuse it."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_metadata:
+        edit_metadata(metadata)
+    metadata["payload_sha256"] = payload_sha256(metadata, tensors)
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
+def _corrupt_stream(tensors):
+    stream = tensors["xor.float64"]
+    stream[stream.numel() // 2] ^= 0xFF
+
+
+def _inflate_count(metadata):
+    streams = json.loads(metadata["streams"])
+    for row in streams["rows"]:
+        row[3] += 1
+    metadata["streams"] = json.dumps(streams)
+
+
+def _extra_tensor(tensors):
+    tensors["old.float64"] = torch.zeros(4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("edit", [dict(edit_tensors=_corrupt_stream), dict(edit_metadata=_inflate_count),
+                                  dict(edit_tensors=_extra_tensor)], ids=["stream", "count", "extra"])
+def test_resealed_forgeries_are_refused(sparse_case, edit):
+    path = sparse_case[3]
+    _rewrite(path, **edit)
+    with pytest.raises(DeltaFileError, match="inconsistent contents|does not list|claims"):
+        load_delta(path)
 
 
 # -------------------------------------------------------------------------- custom PyTorch training loop

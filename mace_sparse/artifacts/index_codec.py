@@ -8,8 +8,10 @@ of the delta file (≤ 5 % of the model at ≥ 95 % sparsity). Each tensor there
 * ``gap_u8`` / ``gap_u16`` / ``gap_u32``  the gaps between consecutive changed indices (minus one; the first
   gap is the first index) as 1/2/4-byte little-endian integers, best for sparse changes.
 
-All encodings are stored as raw ``uint8`` bytes, so the file format does not depend on which integer dtypes
-a safetensors or torch version supports.
+All encodings are raw ``uint8`` bytes, so the file format does not depend on which integer dtypes a
+safetensors or torch version supports. The delta file concatenates them for all tensors and compresses the
+result losslessly (:mod:`.value_codec`): random 5 % changes then take ~0.75 B per changed entry (close to the
+entropy of the gaps, 0.72 B) instead of 1–2 B.
 """
 
 from __future__ import annotations

@@ -118,14 +118,21 @@ def report_data(delta: Any) -> Dict[str, Any]:
 
 @torch.no_grad()
 def add_relative_change(data: Dict[str, Any], delta: Any, foundation: torch.nn.Module) -> Dict[str, Any]:
-    """Add ``relative_change`` = ‖W' − W‖ / ‖W‖ per layer (needs the full foundation weight W)."""
+    """Add ``relative_change`` = ‖W' − W‖ / ‖W‖ per layer (needs the full foundation weight W).
+
+    The delta stores ``bits(W') ^ bits(W)`` at the changed entries, so the new values W' are recovered from
+    the foundation's (the caller has checked that ``foundation`` is the delta's foundation).
+    """
     params = dict(foundation.named_parameters())
     for layer in data["layers"]:
         entry = delta.entries.get(layer["name"])
         weight = params.get(layer["name"])
         if weight is None:
             continue
-        change = 0.0 if entry is None else float((entry.new.double() - entry.old.double()).norm())
+        change = 0.0
+        if entry is not None:
+            old = weight.detach().to("cpu").reshape(-1)[entry.indices]
+            change = float((entry.new_values(weight).double() - old.double()).norm())
         norm = float(weight.detach().double().norm())
         layer["relative_change"] = change / norm if norm else (0.0 if change == 0.0 else math.inf)
     return data
