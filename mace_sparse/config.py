@@ -63,8 +63,8 @@ class SparseConfig:
     targets: Tuple[str, ...] = DEFAULT_TARGETS
     init_threshold: float = 1e-3
     threshold_lr: Optional[float] = None
-    threshold_weight_decay: float = 1.0
-    granularity: str = "path"
+    threshold_weight_decay: float = 2.0
+    granularity: str = "layer"
     delta_eps: float = 1.0
 
     def __post_init__(self) -> None:
