@@ -50,11 +50,11 @@ def tiny_foundation(tmp_path_factory, emt_data) -> Path:
     run_mace_train(
         [
             "--name", "foundation", "--train_file", emt_data["bulk_train"], "--valid_fraction", "0.2",
-            "--E0s", "average", "--max_num_epochs", "6", "--lr", "0.01", "--seed", "3",
+            "--E0s", "average", "--max_num_epochs", "6", "--lr", "0.01", "--seed", "3", "--plot", "False",
             *FOUNDATION_ARGS, *COMMON_ARGS,
         ],
         cwd=work,
-        env_extra={"MACE_SPARSE_DISABLE": "1"},
+        env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"},
     )
     path = work / "foundation.model"
     assert path.is_file()
