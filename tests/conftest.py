@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mace  # noqa: F401  (before e3nn)
 
@@ -88,3 +89,29 @@ def slab_atoms(emt_data):
     import ase.io
 
     return ase.io.read(emt_data["slab_train"], ":")
+
+
+@pytest.fixture(scope="module")
+def fast_deterministic_torch():
+    """One intra-op thread: these models are tiny, and a second thread only costs (up to 50x on a busy machine,
+    where OpenMP threads spin). No TorchScript re-optimisation: e3nn's scripted modules are fused after their
+    first profiled calls, which changes results in the last bit between early and later calls of a process;
+    exact comparisons need the same code path every call."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.jit.optimized_execution(False):
+        yield
+    torch.set_num_threads(threads)
+
+
+def double_batch(atoms_list, model):
+    """A MACE batch dict built in float64 (positions, cell, shifts), with every floating tensor in float64."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # AtomicData takes the default dtype: float32 would round positions
+    try:
+        batch = batch_of(atoms_list, model)
+    finally:
+        torch.set_default_dtype(previous)
+    return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}

@@ -12,7 +12,7 @@ import mace  # noqa: F401  (before e3nn)
 import pytest
 import torch
 
-from conftest import batch_of
+from conftest import batch_of, double_batch
 from mace_sparse import SparseConfig, get_sparse_model, merge_and_unload, print_trainable_parameters
 from mace_sparse import reparametrization as rp
 from mace_sparse.config import TARGET_KINDS
@@ -28,31 +28,12 @@ EXPECTED_NAME_PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_deterministic_torch():
-    """One intra-op thread: these models are tiny, and a second thread only costs (up to 50x on a busy machine,
-    where OpenMP threads spin). No TorchScript re-optimisation: e3nn's scripted modules are fused after their
-    first profiled calls, which changes results in the last bit between early and later calls of a process;
-    exact comparisons need the same code path every call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.jit.optimized_execution(False):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_deterministic_torch")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def double_batch(atoms_list, model):
-    """A MACE batch dict built in float64 (positions, cell, shifts), with every floating tensor in float64."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # AtomicData takes the default dtype: float32 would round positions
-    try:
-        batch = batch_of(atoms_list, model)
-    finally:
-        torch.set_default_dtype(previous)
-    return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
 
 
 def energy_forces(model, batch, training=False):

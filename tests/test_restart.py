@@ -35,17 +35,7 @@ from mace_sparse.sparse_model import delta_parameters, threshold_parameters
 VALID_LINE = re.compile(r"INFO: (Initial|Epoch \d+): (head: Default, loss=.*sparsity=.*mean_delta=.*)$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_deterministic_torch():
-    """One intra-op thread: these models are tiny, and a second thread only costs (up to 50x on a busy machine,
-    where OpenMP threads spin). No TorchScript re-optimisation: e3nn's scripted modules are fused after their
-    first profiled calls, which changes results in the last bit between early and later calls of a process;
-    exact comparisons need the same code path every call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.jit.optimized_execution(False):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_deterministic_torch")
 
 
 # ------------------------------------------------------------------------------ (a) mace_run_train restart
