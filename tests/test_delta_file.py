@@ -197,7 +197,7 @@ def test_metadata_records_versions_fingerprints_and_thresholds(sparse_case, foun
     assert meta["foundation_fingerprint"] == model_fingerprint(foundation_model)
     assert meta["merged_fingerprint"] == model_fingerprint(merged)
     assert meta["targets"] == ["linear", "skip_tp", "contraction", "radial"]
-    assert meta["granularity"] == "path"
+    assert meta["granularity"] == SparseConfig().granularity
     assert meta["threshold_weight_decay"] == SparseConfig().threshold_weight_decay
     for record, (_, owner, name) in zip(meta["layers"], rp.iter_reparametrized(sparse)):
         expected = torch.sigmoid(owner._parameters[rp.SCORE.format(name)]).tolist()
@@ -277,9 +277,11 @@ def test_tampered_values_are_refused(sparse_case, tmp_path, capsys):
 def test_tampered_metadata_is_refused(sparse_case):
     path = sparse_case[3]
     data = path.read_bytes()
-    needle = b'"granularity":"path"'
+    granularity = SparseConfig().granularity
+    needle = f'"granularity":"{granularity}"'.encode()
     assert data.count(needle) == 1
-    path.write_bytes(data.replace(needle, b'"granularity":"layr"'))
+    forged = f'"granularity":"{granularity[:-1]}X"'.encode()  # same length: only the hash can tell
+    path.write_bytes(data.replace(needle, forged))
     with pytest.raises(DeltaFileError, match="failed its integrity check"):
         load_delta(path)
 
