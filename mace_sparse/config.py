@@ -63,7 +63,7 @@ class SparseConfig:
     targets: Tuple[str, ...] = DEFAULT_TARGETS
     init_threshold: float = 1e-3
     threshold_lr: Optional[float] = None
-    threshold_weight_decay: float = 2.0
+    threshold_weight_decay: float = 1.0
     granularity: str = "layer"
     delta_eps: float = 1.0
 

@@ -22,11 +22,10 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "emt"
 #: (label, settings) evaluated by default; ``None`` settings = full fine-tuning.
 DEFAULT_VARIANTS: Sequence = (
     ("full fine-tuning", None),
-    ("sparse_str defaults (κ=1, λ_τ=2, all, layer)", {}),
-    ("defaults but plain Adam (κ=0)", {"delta_eps": 0.0}),
-    ("defaults but λ_τ=1", {"threshold_weight_decay": 1.0}),
+    ("sparse_str defaults (κ=1, λ_τ=1, all, layer)", {}),
+    ("defaults but λ_τ=2", {"threshold_weight_decay": 2.0}),
     ("defaults but λ_τ=3", {"threshold_weight_decay": 3.0}),
-    ("defaults but κ=3", {"delta_eps": 3.0}),
+    ("defaults but plain Adam (κ=0)", {"delta_eps": 0.0}),
     ("defaults but granularity=path", {"granularity": "path"}),
     ("defaults but targets=linear", {"targets": "linear"}),
 )
