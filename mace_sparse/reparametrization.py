@@ -110,15 +110,6 @@ def _refresh_after_load(module: torch.nn.Module, *_args) -> None:
         refresh(module)
 
 
-def hook_owner(parent: Optional[torch.nn.Module], owner: torch.nn.Module) -> torch.nn.Module:
-    """The module whose forward reads the weight: a ParameterList is read by its parent."""
-    if isinstance(owner, torch.nn.ParameterList):
-        if parent is None:
-            raise ValueError("a ParameterList weight needs its parent module to be hooked")
-        return parent
-    return owner
-
-
 def reparametrize(
     owner: torch.nn.Module,
     name: str,
