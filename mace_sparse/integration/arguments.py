@@ -10,9 +10,11 @@ import argparse
 from typing import Optional
 
 from ..config import DEFAULT_TARGETS, GRANULARITIES, SparseConfig, SparseConfigError
+from ..magnetism.config import MAGMOM_LOSSES, MagneticConfig
 
 FINETUNE_METHODS = ("full", "sparse_str")
 _DEFAULTS = SparseConfig()
+_MAGNETIC_DEFAULTS = MagneticConfig()
 
 
 def _both(name: str) -> list:
@@ -59,7 +61,51 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="kappa of the gradient-scaled delta update: delta gradients are divided by their RMS and Adam's "
         "eps is kappa, so entries move in proportion to their gradient's size (0 = plain Adam)",
     )
+    add_magnetic_arguments(parser)
     return parser
+
+
+def add_magnetic_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``--magmom*`` flags of the per-atom magnetic-moment head."""
+    group = parser.add_argument_group("mace-sparse: magnetic-moment head")
+    group.add_argument(
+        *_both("magmoms_key"), dest="magmoms_key", type=str, default=_MAGNETIC_DEFAULTS.key,
+        help="per-atom extxyz array with the reference moments in muB (frames without it get weight 0)",
+    )
+    group.add_argument(
+        *_both("magmom_weight"), dest="magmom_weight", type=float, default=_MAGNETIC_DEFAULTS.weight,
+        help="loss weight of the moments; the head is trained (and saved as <name>_magnetic.model) when > 0",
+    )
+    group.add_argument(
+        *_both("magmom_loss"), dest="magmom_loss", choices=MAGMOM_LOSSES, default=_MAGNETIC_DEFAULTS.loss,
+        help="per-atom moment loss",
+    )
+    group.add_argument(
+        *_both("magmom_huber_delta"), dest="magmom_huber_delta", type=float,
+        default=_MAGNETIC_DEFAULTS.huber_delta, help="delta of the Huber moment loss, in muB",
+    )
+    group.add_argument(
+        *_both("magmom_signed"), dest="magmom_signed", action="store_true", default=False,
+        help="predict signed moments (default: magnitudes; geometry alone cannot tell up-down from down-up)",
+    )
+    group.add_argument(
+        *_both("magmom_head_hidden"), dest="magmom_head_hidden", type=int, default=_MAGNETIC_DEFAULTS.hidden,
+        help="width of the moment head's hidden layers",
+    )
+    return parser
+
+
+def magnetic_config_from_args(args: argparse.Namespace) -> Optional[MagneticConfig]:
+    """The :class:`MagneticConfig` asked for, or ``None`` when the head is off (``--magmom_weight 0``)."""
+    config = MagneticConfig(
+        key=getattr(args, "magmoms_key", _MAGNETIC_DEFAULTS.key),
+        weight=getattr(args, "magmom_weight", 0.0),
+        loss=getattr(args, "magmom_loss", _MAGNETIC_DEFAULTS.loss),
+        huber_delta=getattr(args, "magmom_huber_delta", _MAGNETIC_DEFAULTS.huber_delta),
+        signed=getattr(args, "magmom_signed", False),
+        hidden=getattr(args, "magmom_head_hidden", _MAGNETIC_DEFAULTS.hidden),
+    )
+    return config if config.enabled else None
 
 
 def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
@@ -76,4 +122,4 @@ def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
     )
 
 
-__all__ = ["add_sparse_arguments", "sparse_config_from_args", "SparseConfigError", "FINETUNE_METHODS"]
+__all__ = ["add_sparse_arguments", "add_magnetic_arguments", "magnetic_config_from_args", "sparse_config_from_args", "SparseConfigError", "FINETUNE_METHODS"]

@@ -36,7 +36,9 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Optional
 
 from ..config import SparseConfig, SparseConfigError
-from .arguments import add_sparse_arguments, sparse_config_from_args
+from ..magnetism.config import MagneticConfig, MagneticConfigError
+from .arguments import add_sparse_arguments, magnetic_config_from_args, sparse_config_from_args
+from .run_hooks import FineTuneHooks
 
 #: mace-torch releases these patches were written and tested against.
 TESTED_MACE_VERSIONS = ("0.3.16",)
@@ -95,6 +97,56 @@ def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
     return config
 
 
+def validate_magnetic_args(args: Any) -> Optional[MagneticConfig]:
+    """Check the ``--magmom*`` flags and the moment labels in the data files; exits with one line if bad."""
+    from ..magnetism.data import MomentDataError, check_moment_files
+
+    try:
+        config = magnetic_config_from_args(args)
+    except MagneticConfigError as exc:
+        _fail(str(exc))
+    if config is None:
+        return None
+    try:
+        check_mace_version()
+    except SparseConfigError as exc:
+        _fail(str(exc))
+    for flag, why in [
+        ("lora", "--lora (its merge at save time does not see the head); drop --lora"),
+        ("enable_cueq", "--enable_cueq (the head reads e3nn node features); drop --enable_cueq"),
+        ("only_cueq", "--only_cueq (the head reads e3nn node features); drop --only_cueq"),
+        ("enable_oeq", "--enable_oeq (the head reads e3nn node features); drop --enable_oeq"),
+    ]:
+        if getattr(args, flag, False):
+            _fail(f"the magnetic head (--magmom_weight > 0) cannot be combined with {why}")
+    train_files = _as_list(getattr(args, "train_file", None))
+    others = _as_list(getattr(args, "valid_file", None)) + _as_list(getattr(args, "test_file", None))
+    for path in train_files + others:
+        if path and not Path(path).suffix.lower() in (".xyz", ".extxyz"):
+            _fail(
+                f"the magnetic head reads moments from extxyz files only, but got {path!r} "
+                "(HDF5/LMDB datasets drop custom per-atom arrays); pass .xyz files"
+            )
+    try:
+        check_moment_files(train_files, others, config.key)
+    except MomentDataError as exc:
+        _fail(str(exc))
+    return config
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if v]
+    return [str(value)]
+
+
+def validate_run_args(args: Any) -> FineTuneHooks:
+    """Every check of the flags this package adds; the hooks of the run (inactive for MACE's own runs)."""
+    return FineTuneHooks(args, validate_sparse_args(args), validate_magnetic_args(args))
+
+
 def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.endswith(".model") or value.endswith(".pt") or Path(value).exists()
 
@@ -126,77 +178,41 @@ class _AppendToMessage(logging.Filter):
 
 
 @contextlib.contextmanager
-def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -> Iterator[dict]:
-    """Patch ``run_train`` (and MACE's train loop) for one sparse_str run; restores everything on exit.
-
-    Yields a dict that receives the sparse-trainable model once MACE has configured it.
-    """
-    from .. import optim
-    from ..sparse_model import get_sparse_model, is_sparse_model, merge_and_unload, sparsity_stats
-    from ..sparse_model import trainable_parameters_line
-
+def run_patches(run_train: ModuleType, hooks: FineTuneHooks) -> Iterator[FineTuneHooks]:
+    """Wire ``hooks`` into ``run_train`` (and MACE's train loop and data code) for one run; restores on exit."""
     train_module = sys.modules["mace.tools.train"]
-    state: dict = {"model": None}
-    threshold_lr = config.threshold_lr if config.threshold_lr is not None else args.lr
+    data_utils = sys.modules["mace.data.utils"]
 
     original_configure = run_train.configure_model
 
     def configure_model(*a, **kw):
         model, output_args = original_configure(*a, **kw)
-        get_sparse_model(model, config)
-        state["model"] = model
-        logging.info("===========SPARSE FINE-TUNING (sparse_str)===========")
-        logging.info(f"Sparse config: {json.dumps(config.to_dict())}")
-        logging.info(trainable_parameters_line(model))
-        return model, output_args
+        return hooks.configure_model(model), output_args
 
     original_params = run_train.get_params_options
 
     def get_params_options(a, model):
-        options = original_params(a, model)
-        options["params"] = optim.add_threshold_group(
-            options["params"], model, threshold_lr, config.threshold_weight_decay, config.delta_eps
-        )
-        return options
+        return hooks.param_options(original_params(a, model), model)
 
     original_optimizer = run_train.get_optimizer
 
     def get_optimizer(a, param_options):
-        return optim.register_threshold_decay(original_optimizer(a, param_options))
+        return hooks.optimizer(original_optimizer(a, param_options))
 
     original_swa = run_train.get_swa
 
     def get_swa(a, model, optimizer, *rest, **kw):
         result = original_swa(a, model, optimizer, *rest, **kw)
-        optim.keep_threshold_lr_ratio_in_swa(optimizer, a.lr)
+        hooks.swa(optimizer)
         return result
 
-    saved_stages: list = []
-
     def deepcopy(obj, memo=None):
-        copied = copy.deepcopy(obj, memo)
-        if is_sparse_model(copied):
-            logging.info("Merging the sparse delta into a plain MACE model")
-            merge_and_unload(copied)
-            # first save-time copy: stage one (<name>.model); the next one: stage two (<name>_stagetwo.model)
-            stem = args.name if not saved_stages else f"{args.name}_stagetwo"
-            saved_stages.append(stem)
-            _write_sparse_artifacts(obj, copied, args.model_dir, stem)
-        return copied
+        return hooks.before_save(obj, copy.deepcopy(obj, memo))
 
     original_log = train_module.valid_err_log
 
     def valid_err_log(valid_loss, eval_metrics, logger, log_errors, epoch=None, valid_loader_name="Default"):
-        model = state["model"]
-        if model is None:
-            return original_log(valid_loss, eval_metrics, logger, log_errors, epoch, valid_loader_name)
-        stats = sparsity_stats(model)
-        eval_metrics["sparsity"] = stats.layer_sparsity
-        eval_metrics["total_sparsity"] = stats.total_sparsity
-        eval_metrics["mean_threshold"] = stats.mean_threshold
-        flt = _AppendToMessage(
-            f", sparsity={100 * stats.layer_sparsity:.2f} %, mean_delta={stats.mean_threshold:.3e}"
-        )
+        flt = _AppendToMessage(hooks.validation_suffix(eval_metrics))
         root = logging.getLogger()
         root.addFilter(flt)
         try:
@@ -211,21 +227,72 @@ def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -
         stack.enter_context(_replaced(run_train, "get_swa", get_swa))
         stack.enter_context(_replaced(run_train, "deepcopy", deepcopy))
         stack.enter_context(_replaced(train_module, "valid_err_log", valid_err_log))
-        yield state
+        if hooks.magnetic is not None:
+            _enter_magnetic_patches(stack, run_train, train_module, data_utils, hooks)
+        yield hooks
 
 
-def _write_sparse_artifacts(sparse_model: Any, merged: Any, model_dir: str, stem: str) -> None:
-    """``<stem>_sparse_delta.safetensors`` and ``<stem>_sparsity.json`` next to the model MACE is saving.
+def _enter_magnetic_patches(
+    stack: contextlib.ExitStack, run_train: ModuleType, train_module: ModuleType, data_utils: ModuleType,
+    hooks: FineTuneHooks,
+) -> None:
+    """Moments through MACE's data, loss, metrics and error tables (names looked up at call time)."""
+    from ..magnetism.data import MAGMOMS, wrap_config_from_atoms
+    from ..magnetism.metrics import add_moment_columns, magnetic_metric_class
 
-    A failure here is logged, not raised: the merged ``.model`` (the run's main result) must still be saved.
+    magnetic = hooks.magnetic
+    original_keyspec = run_train.update_keyspec_from_kwargs
+
+    def update_keyspec_from_kwargs(keyspec, keydict):
+        result = original_keyspec(keyspec, keydict)
+        keyspec.update(arrays_keys={MAGMOMS: keydict.get("magmoms_key") or magnetic.key})
+        return result
+
+    original_loss = run_train.get_loss_fn
+
+    def get_loss_fn(*a, **kw):
+        return hooks.loss(original_loss(*a, **kw))
+
+    original_table = run_train.create_error_table
+    tables_module = sys.modules[original_table.__module__]
+    original_evaluate = tables_module.evaluate
+
+    def create_error_table(*a, **kw):
+        seen: list = []
+
+        def evaluate(*ea, **ekw):
+            loss, metrics = original_evaluate(*ea, **ekw)
+            seen.append(metrics)
+            return loss, metrics
+
+        with _replaced(tables_module, "evaluate", evaluate):
+            table = original_table(*a, **kw)
+        return add_moment_columns(table, seen)
+
+    stack.enter_context(_replaced(run_train, "update_keyspec_from_kwargs", update_keyspec_from_kwargs))
+    stack.enter_context(_replaced(data_utils, "config_from_atoms", wrap_config_from_atoms(data_utils.config_from_atoms)))
+    stack.enter_context(_replaced(run_train, "get_loss_fn", get_loss_fn))
+    stack.enter_context(_replaced(train_module, "MACELoss", magnetic_metric_class(train_module.MACELoss, magnetic.signed)))
+    stack.enter_context(_replaced(run_train, "create_error_table", create_error_table))
+
+
+@contextlib.contextmanager
+def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -> Iterator[dict]:
+    """:func:`run_patches` for a sparse_str run without the moment head (kept for callers of the first release).
+
+    Yields a dict that receives the sparse-trainable model once MACE has configured it.
     """
-    from ..artifacts.run_outputs import write_run_artifacts
+    hooks = FineTuneHooks(args, config, None)
+    state: dict = {"model": None}
+    original_configure = hooks.configure_model
 
-    try:
-        delta_path, json_path = write_run_artifacts(sparse_model, merged, model_dir, stem)
-        logging.info(f"Saved sparse delta to {delta_path} and sparsity report to {json_path}")
-    except Exception:  # noqa: BLE001
-        logging.exception(f"Could not write the sparse delta / sparsity report for {stem}")
+    def configure_model(model):
+        state["model"] = original_configure(model)
+        return state["model"]
+
+    hooks.configure_model = configure_model  # type: ignore[method-assign]
+    with run_patches(run_train, hooks):
+        yield state
 
 
 # ------------------------------------------------------------------------------------------ entry patches
@@ -235,11 +302,11 @@ def _patched_run(run_train: ModuleType) -> Callable:
     original_run = getattr(run_train, _ORIGINAL + "_run")
 
     def run(args) -> None:
-        """MACE's ``run``; with ``--finetune-method sparse_str`` the sparse patches are active during it."""
-        config = validate_sparse_args(args)
-        if config is None:
+        """MACE's ``run``; with sparse_str or the moment head this package's patches are active during it."""
+        hooks = validate_run_args(args)
+        if not hooks.active:
             return original_run(args)
-        with sparse_run_patches(run_train, args, config):
+        with run_patches(run_train, hooks):
             return original_run(args)
 
     run.__doc__ = (original_run.__doc__ or "") + "\n(mace-sparse: validates and applies --finetune-method)"

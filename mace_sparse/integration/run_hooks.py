@@ -1,0 +1,171 @@
+"""What mace-sparse does at each stage of one ``mace_run_train`` run, independent of how it is called.
+
+Two callers drive the same :class:`FineTuneHooks` object:
+
+* the runtime patches of :mod:`.mace_patches` (MACE as released has no plugin mechanism), and
+* MACE's ``mace.plugins`` entry-point hook, where the upstream patch in ``patches/`` is applied.
+
+Keeping the behaviour here and only the *wiring* in the callers means both paths train the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..config import SparseConfig
+from ..magnetism.config import MagneticConfig
+
+
+class FineTuneHooks:
+    """Per-run state and the stage hooks of a sparse_str and/or magnetic-head run."""
+
+    def __init__(self, args: Any, sparse: Optional[SparseConfig], magnetic: Optional[MagneticConfig]) -> None:
+        self.args = args
+        self.sparse = sparse
+        self.magnetic = magnetic if magnetic is not None and magnetic.enabled else None
+        self.model: Optional[torch.nn.Module] = None
+        self.saved_stems: List[str] = []
+
+    @property
+    def active(self) -> bool:
+        return self.sparse is not None or self.magnetic is not None
+
+    # ------------------------------------------------------------------------------------------- model
+    def configure_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Attach the moment head (fully trainable) and/or reparameterise the backbone, in place."""
+        from ..magnetism.head import HEAD_NAME, attach_magnetic_head
+
+        if self.magnetic is not None:
+            head = attach_magnetic_head(model, self.magnetic)
+            logging.info("===========MAGNETIC-MOMENT HEAD===========")
+            logging.info(f"Magnetic config: {json.dumps(self.magnetic.to_dict())}")
+            logging.info(f"Moment head: {sum(p.numel() for p in head.parameters())} trainable parameters")
+        if self.sparse is not None:
+            from ..sparse_model import get_sparse_model, trainable_parameters_line
+
+            exclude = (HEAD_NAME,) if self.magnetic is not None else ()
+            get_sparse_model(model, self.sparse, exclude_prefixes=exclude)
+            logging.info("===========SPARSE FINE-TUNING (sparse_str)===========")
+            logging.info(f"Sparse config: {json.dumps(self.sparse.to_dict())}")
+            logging.info(trainable_parameters_line(model))
+        self.model = model
+        return model
+
+    def param_options(self, options: Dict[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
+        """Add the head's own group and move threshold scores to theirs (frozen weights dropped)."""
+        from .. import optim
+        from ..magnetism.head import HEAD_NAME
+
+        module = getattr(model, "module", model)
+        if self.magnetic is not None:
+            head_params = list(getattr(module, HEAD_NAME).parameters())
+            ids = {id(p) for p in head_params}
+            for group in options["params"]:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            options["params"].append({"name": "magnetic_head", "params": head_params, "weight_decay": 0.0})
+        if self.sparse is not None:
+            threshold_lr = self.sparse.threshold_lr if self.sparse.threshold_lr is not None else self.args.lr
+            options["params"] = optim.add_threshold_group(
+                options["params"], module, threshold_lr, self.sparse.threshold_weight_decay, self.sparse.delta_eps
+            )
+        return options
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        if self.sparse is None:
+            return optimizer
+        from .. import optim
+
+        return optim.register_threshold_decay(optimizer)
+
+    def swa(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.sparse is not None:
+            from .. import optim
+
+            optim.keep_threshold_lr_ratio_in_swa(optimizer, self.args.lr)
+
+    def loss(self, loss_fn: torch.nn.Module) -> torch.nn.Module:
+        if self.magnetic is None:
+            return loss_fn
+        from ..magnetism.loss import MagneticLoss
+
+        return MagneticLoss(loss_fn, self.magnetic)
+
+    # -------------------------------------------------------------------------------------------- save
+    def before_save(self, training_model: torch.nn.Module, copied: torch.nn.Module) -> torch.nn.Module:
+        """Turn MACE's save-time copy into a plain MACE model; write the delta file and the magnetic model.
+
+        The first call is stage one (``<name>``), a second one stage two (``<name>_stagetwo``).
+        """
+        from ..magnetism.head import has_magnetic_head
+        from ..sparse_model import is_sparse_model, merge_and_unload
+
+        sparse = is_sparse_model(copied)
+        magnetic = has_magnetic_head(copied)
+        if not (sparse or magnetic):
+            return copied
+        stem = self.args.name if not self.saved_stems else f"{self.args.name}_stagetwo"
+        self.saved_stems.append(stem)
+        head = None
+        sparse_source: torch.nn.Module = training_model
+        if magnetic:
+            from ..magnetism.head import detach_magnetic_head
+
+            head = detach_magnetic_head(copied)
+            if sparse:
+                sparse_source = copy.deepcopy(copied)  # the delta describes the backbone only
+        if sparse:
+            logging.info("Merging the sparse delta into a plain MACE model")
+            merge_and_unload(copied)
+            _write_sparse_artifacts(sparse_source, copied, self.args.model_dir, stem)
+        if head is not None:
+            from ..magnetism.model import MagneticMACE
+
+            _save_magnetic_model(MagneticMACE(copy.deepcopy(copied), head), self.args.model_dir, stem)
+        return copied
+
+    # ----------------------------------------------------------------------------------------- logging
+    def validation_suffix(self, eval_metrics: Dict[str, Any]) -> str:
+        """Extra text for MACE's per-epoch validation line (sparsity, mean δ, moment errors)."""
+        suffix = ""
+        if self.magnetic is not None:
+            from ..magnetism.metrics import log_suffix
+
+            suffix += log_suffix(eval_metrics)
+        if self.sparse is not None and self.model is not None:
+            from ..sparse_model import sparsity_stats
+
+            stats = sparsity_stats(self.model)
+            eval_metrics["sparsity"] = stats.layer_sparsity
+            eval_metrics["total_sparsity"] = stats.total_sparsity
+            eval_metrics["mean_threshold"] = stats.mean_threshold
+            suffix += f", sparsity={100 * stats.layer_sparsity:.2f} %, mean_delta={stats.mean_threshold:.3e}"
+        return suffix
+
+
+def _save_magnetic_model(model: torch.nn.Module, model_dir: str, stem: str) -> None:
+    from ..artifacts.atomic import atomic_write_with
+
+    path = Path(model_dir) / f"{stem}_magnetic.model"
+    to_save = copy.deepcopy(model).cpu()
+    atomic_write_with(path, lambda tmp: torch.save(to_save, tmp))
+    logging.info(f"Saved model with magnetic-moment head to {path}")
+
+
+def _write_sparse_artifacts(sparse_model: Any, merged: Any, model_dir: str, stem: str) -> None:
+    """``<stem>_sparse_delta.safetensors`` and ``<stem>_sparsity.json`` next to the model MACE is saving.
+
+    A failure here is logged, not raised: the merged ``.model`` (the run's main result) must still be saved.
+    """
+    from ..artifacts.run_outputs import write_run_artifacts
+
+    try:
+        delta_path, json_path = write_run_artifacts(sparse_model, merged, model_dir, stem)
+        logging.info(f"Saved sparse delta to {delta_path} and sparsity report to {json_path}")
+    except Exception:  # noqa: BLE001
+        logging.exception(f"Could not write the sparse delta / sparsity report for {stem}")

@@ -1,0 +1,104 @@
+"""The per-atom magnetic-moment readout and how it rides on a MACE model during training.
+
+The head reads only the **invariant** (``0e``) channels of MACE's node features plus the one-hot element, so
+its output is unchanged by any rotation, reflection or translation of the structure and is permuted with the
+atoms: the moments it predicts are invariant by construction, not by training.
+
+During a ``mace_run_train`` run the head is a submodule ``magnetic_head`` of the MACE model, and a forward
+hook adds ``output["magmoms"]``. MACE's training loop, EMA, DDP and checkpoints then handle it like any other
+part of the model without knowing about it. The hook is a module-level function, so the model still pickles
+and deep-copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from .config import MagneticConfig
+
+HEAD_NAME = "magnetic_head"
+
+
+def invariant_feature_index(model: torch.nn.Module) -> List[int]:
+    """Positions of the scalar-even channels in MACE's concatenated ``node_feats`` output.
+
+    ``node_feats`` is the concatenation of every product block's output, whose irreps are those of the block's
+    final o3.Linear; only ``0e`` entries are invariant.
+    """
+    index: List[int] = []
+    offset = 0
+    for product in model.products:
+        for mul_ir in product.linear.irreps_out:
+            width = mul_ir.mul * mul_ir.ir.dim
+            if mul_ir.ir.l == 0 and mul_ir.ir.p == 1:
+                index.extend(range(offset, offset + width))
+            offset += width
+    if not index:
+        raise ValueError("the model's node features have no invariant (0e) channels to read moments from")
+    return index
+
+
+class MagneticHead(torch.nn.Module):
+    """MLP from (invariant node features, one-hot element) to one moment per atom, in μB.
+
+    ``signed=False`` returns softplus(x) ≥ 0: magnitudes.
+    """
+
+    def __init__(self, feature_index: Sequence[int], num_elements: int, hidden: int = 64, signed: bool = False):
+        super().__init__()
+        self.register_buffer("feature_index", torch.as_tensor(list(feature_index), dtype=torch.long))
+        self.signed = bool(signed)
+        width = len(feature_index) + num_elements
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, 1),
+        )
+
+    def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([node_feats.index_select(-1, self.feature_index), node_attrs.to(node_feats.dtype)], dim=-1)
+        out = self.mlp(x).squeeze(-1)
+        return out if self.signed else torch.nn.functional.softplus(out)
+
+
+def magnetic_forward_hook(module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
+    """Adds ``output["magmoms"]`` (one value per atom) to a MACE forward pass."""
+    if not isinstance(output, dict) or output.get("node_feats") is None:
+        return output
+    data: Dict[str, torch.Tensor] = inputs[0]
+    output["magmoms"] = module.magnetic_head(output["node_feats"], data["node_attrs"])
+    return output
+
+
+def has_magnetic_head(model: Any) -> bool:
+    return isinstance(model, torch.nn.Module) and isinstance(getattr(model, HEAD_NAME, None), MagneticHead)
+
+
+def attach_magnetic_head(model: torch.nn.Module, config: MagneticConfig) -> MagneticHead:
+    """Give a MACE model a trainable moment head (in place) and return the head."""
+    if has_magnetic_head(model):
+        raise ValueError("the model already carries a magnetic head")
+    reference = next(model.parameters())
+    head = MagneticHead(
+        invariant_feature_index(model),
+        num_elements=len(model.atomic_numbers),
+        hidden=config.hidden,
+        signed=config.signed,
+    ).to(device=reference.device, dtype=reference.dtype)
+    model.add_module(HEAD_NAME, head)
+    model.register_forward_hook(magnetic_forward_hook)
+    return head
+
+
+def detach_magnetic_head(model: torch.nn.Module) -> MagneticHead:
+    """Remove head and hook (in place), leaving a plain MACE model; returns the head."""
+    head = getattr(model, HEAD_NAME)
+    for key, hook in list(model._forward_hooks.items()):
+        if hook is magnetic_forward_hook:
+            del model._forward_hooks[key]
+    delattr(model, HEAD_NAME)
+    return head
