@@ -27,6 +27,10 @@ _EXPORTS = {
     "apply_delta": "mace_sparse.artifacts.delta_file",
     "revert_delta": "mace_sparse.artifacts.delta_file",
     "foundation_of": "mace_sparse.artifacts.foundation",
+    "MagneticMACECalculator": "mace_sparse.magnetism.calculator",
+    "MagneticMACE": "mace_sparse.magnetism.model",
+    "MagneticConfig": "mace_sparse.magnetism.config",
+    "load_magnetic_model": "mace_sparse.magnetism.calculator",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -36,7 +40,7 @@ def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mace_sparse' has no attribute {name!r}")
-    if module != "mace_sparse.config":
+    if module not in ("mace_sparse.config", "mace_sparse.magnetism.config"):
         import mace  # noqa: F401  (mace must be imported before e3nn)
     import importlib
 

@@ -115,3 +115,14 @@ def double_batch(atoms_list, model):
     finally:
         torch.set_default_dtype(previous)
     return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+
+
+#: the bundled CHGNet-labelled magnetic oxide cells (see mace_sparse/data/magnetic_oxides)
+OXIDE_FILE = os.environ.get("MACE_SPARSE_TEST_OXIDES", "")
+
+
+@pytest.fixture(scope="session")
+def oxide_frames():
+    import ase.io
+
+    return ase.io.read(OXIDE_FILE, ":")

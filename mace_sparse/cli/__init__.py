@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "quickstart": "mace_sparse.cli.quickstart",
     "calibrate": "mace_sparse.cli.calibrate",
     "bench-step": "mace_sparse.cli.bench_step",
+    "predict": "mace_sparse.cli.predict",
 }
 
 

@@ -1,0 +1,253 @@
+"""The magnetic-moment head: invariance, the loss on mixed data, training inside ``mace_run_train``, the saved
+``_magnetic.model`` through the ASE calculator and ``mace_sparse predict``, and bad moment labels.
+
+Moments are CHGNet predictions for distorted rocksalt oxides (the bundled set made by
+``python -m mace_sparse.data.magnetic_oxides``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+import mace  # noqa: F401  (before e3nn)
+
+from conftest import COMMON_ARGS, FOUNDATION_ARGS, double_batch, run_mace_train
+
+from mace_sparse.magnetism.config import MagneticConfig, MagneticConfigError
+from mace_sparse.magnetism.head import attach_magnetic_head, has_magnetic_head
+from mace_sparse.magnetism.loss import MagneticLoss
+
+MAG_ARGS = ["--magmom_weight", "10", "--magmoms_key", "REF_magmoms"]
+
+
+@pytest.fixture(scope="module")
+def oxide_files(tmp_path_factory, oxide_frames):
+    """Train file with moments in most frames (some frames deliberately without), test file with moments."""
+    work = tmp_path_factory.mktemp("oxides")
+    train = [a.copy() for a in oxide_frames[:16]]
+    for i in (3, 9):  # mixed file: frames without the key
+        del train[i].arrays["REF_magmoms"]
+    ase.io.write(work / "train.xyz", train)
+    ase.io.write(work / "test.xyz", oxide_frames[16:22])
+    return {"train": work / "train.xyz", "test": work / "test.xyz", "dir": work}
+
+
+@pytest.fixture(scope="module")
+def oxide_foundation(tmp_path_factory, oxide_frames):
+    """A tiny MACE pretrained (energies and forces only, never moments) on the oxide cells."""
+    work = tmp_path_factory.mktemp("oxide_foundation")
+    frames = [a.copy() for a in oxide_frames[:16]]
+    for a in frames:
+        a.arrays.pop("REF_magmoms", None)
+    ase.io.write(work / "pre.xyz", frames)
+    run_mace_train(
+        ["--name", "foundation", "--train_file", work / "pre.xyz", "--valid_fraction", "0.2", "--E0s", "average",
+         "--max_num_epochs", "4", "--lr", "0.01", "--seed", "3", "--plot", "False", *FOUNDATION_ARGS, *COMMON_ARGS],
+        cwd=work, env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    return work / "foundation.model"
+
+
+def _rotation(seed: int, reflect: bool) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return -q if reflect else q
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_head_moments_are_invariant_and_permute_with_atoms(oxide_foundation, oxide_frames, reflect,
+                                                           fast_deterministic_torch):
+    model = torch.load(oxide_foundation, weights_only=False).double()
+    torch.manual_seed(0)
+    attach_magnetic_head(model, MagneticConfig(weight=1.0, signed=True))
+    atoms = oxide_frames[0].copy()
+    atoms.pbc = False  # a free cluster: rotations need no cell handling
+    moved = atoms.copy()
+    rot = _rotation(7, reflect)
+    moved.positions = atoms.positions @ rot.T + np.array([1.3, -2.1, 0.4])
+    perm = np.random.default_rng(1).permutation(len(atoms))
+    moved = moved[perm]
+    m0 = model(double_batch([atoms], model), training=False, compute_force=False)["magmoms"].detach()
+    m1 = model(double_batch([moved], model), training=False, compute_force=False)["magmoms"].detach()
+    assert m0.shape == (len(atoms),)
+    assert m0.std() > 0  # not a constant: the test would be empty otherwise
+    torch.testing.assert_close(m1, m0[torch.as_tensor(perm)], rtol=0, atol=1e-10)
+
+
+def test_magnitude_head_is_non_negative_and_signed_head_is_not(oxide_foundation, oxide_frames):
+    model = torch.load(oxide_foundation, weights_only=False).double()
+    head = attach_magnetic_head(model, MagneticConfig(weight=1.0))
+    with torch.no_grad():
+        head.mlp[-1].bias.fill_(-20.0)
+    out = model(double_batch(oxide_frames[:2], model), training=False, compute_force=False)["magmoms"]
+    assert torch.all(out >= 0)
+    head.signed = True
+    out = model(double_batch(oxide_frames[:2], model), training=False, compute_force=False)["magmoms"]
+    assert torch.all(out < 0)
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, ref, pred, ddp=None):
+        return torch.zeros(())
+
+
+def _ref(moments, weights, batch, graph_weight):
+    return {"magmoms": torch.tensor(moments).view(-1, 1), "magmoms_weight": torch.tensor(weights).view(-1, 1),
+            "batch": torch.tensor(batch), "weight": torch.tensor(graph_weight)}
+
+
+def test_loss_ignores_atoms_of_frames_without_moments_and_compares_magnitudes():
+    ref = _ref([2.0, -1.0, 0.0, 5.0], [1.0, 1.0, 0.0, 0.0], [0, 0, 1, 1], [1.0, 1.0])
+    pred = {"magmoms": torch.tensor([1.5, 1.5, 9.0, 9.0])}
+    mse = MagneticLoss(_Zero(), MagneticConfig(weight=2.0))(ref, pred)
+    # magnitudes: |−1| = 1; labelled atoms only: ((1.5−2)² + (1.5−1)²)/2 = 0.25, times the weight 2
+    assert float(mse) == pytest.approx(0.5)
+    signed = MagneticLoss(_Zero(), MagneticConfig(weight=1.0, signed=True))(ref, pred)
+    assert float(signed) == pytest.approx((0.25 + 6.25) / 2)
+    huber = MagneticLoss(_Zero(), MagneticConfig(weight=1.0, loss="huber", huber_delta=0.1))(ref, pred)
+    assert float(huber) == pytest.approx(0.1 * (0.5 - 0.05))
+    nothing = MagneticLoss(_Zero(), MagneticConfig(weight=1.0))(_ref([1.0], [0.0], [0], [1.0]), {"magmoms": torch.ones(1)})
+    assert float(nothing) == 0.0 and torch.isfinite(nothing)
+
+
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [({"weight": -1.0}, "--magmom_weight"), ({"weight": 1.0, "loss": "l1"}, "--magmom_loss"),
+     ({"weight": 1.0, "huber_delta": 0.0}, "--magmom_huber_delta"), ({"key": ""}, "--magmoms_key")],
+)
+def test_bad_magnetic_settings_are_named(kwargs, text):
+    with pytest.raises(MagneticConfigError, match=text):
+        MagneticConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def magnetic_run(oxide_files, oxide_foundation):
+    """One sparse_str fine-tune with the head on a mixed file (frames with and without moments)."""
+    work = oxide_files["dir"] / "run"
+    work.mkdir()
+    proc = run_mace_train(
+        ["--name", "mag", "--foundation_model", oxide_foundation, "--train_file", oxide_files["train"],
+         "--valid_fraction", "0.25", "--test_file", oxide_files["test"], "--E0s", "foundation",
+         "--max_num_epochs", "6", "--lr", "0.01", "--seed", "1", "--plot", "False",
+         "--multiheads_finetuning", "False", "--finetune-method", "sparse_str", *MAG_ARGS, *COMMON_ARGS],
+        cwd=work, env_extra={"OMP_NUM_THREADS": "1"},
+    )
+    return work, proc
+
+
+def _log_text(work):
+    return "\n".join(p.read_text() for p in (work / "logs").glob("*.log"))
+
+
+def test_mixed_file_trains_and_reports_moment_errors(magnetic_run):
+    work, _ = magnetic_run
+    text = _log_text(work)
+    lines = [line for line in text.splitlines() if "MAE_magmom=" in line]
+    assert lines[0].split(": ", 1)[1].startswith("Initial") or "Initial" in lines[0]
+    first = float(lines[0].split("MAE_magmom=")[1].split()[0])
+    last = float(lines[-1].split("MAE_magmom=")[1].split()[0])
+    assert last < first  # the head learns
+    assert "sparsity=" in lines[-1]
+    assert "MAE magmom / muB" in text and "RMSE magmom / muB" in text  # final error tables
+
+
+def test_outputs_plain_model_and_magnetic_model(magnetic_run, oxide_frames):
+    from mace.calculators import MACECalculator
+
+    from mace_sparse import MagneticMACECalculator
+    from mace_sparse.magnetism.model import MagneticMACE
+
+    work, _ = magnetic_run
+    plain = torch.load(work / "mag.model", weights_only=False)
+    assert type(plain).__name__ == "ScaleShiftMACE"
+    assert not has_magnetic_head(plain) and not plain._forward_hooks
+    assert not any("magnetic" in k or k.endswith("_delta") for k in plain.state_dict())
+    magnetic = torch.load(work / "mag_magnetic.model", weights_only=False)
+    assert isinstance(magnetic, MagneticMACE)
+    assert (work / "mag_sparse_delta.safetensors").is_file()
+    for a, b in zip(plain.state_dict().values(), magnetic.mace.state_dict().values()):
+        assert torch.equal(a, b)
+
+    calc = MagneticMACECalculator(work / "mag_magnetic.model", device="cpu")
+    ref = MACECalculator(model_paths=str(work / "mag.model"), device="cpu", default_dtype="float64")
+    atoms = oxide_frames[20].copy()
+    atoms.calc = calc
+    twin = atoms.copy()
+    twin.calc = ref
+    assert atoms.get_potential_energy() == pytest.approx(twin.get_potential_energy(), abs=1e-9)
+    np.testing.assert_allclose(atoms.get_forces(), twin.get_forces(), atol=1e-9)
+    np.testing.assert_allclose(atoms.get_stress(), twin.get_stress(), atol=1e-9)
+    moments = atoms.get_magnetic_moments()
+    assert moments.shape == (len(atoms),) and np.all(moments >= 0)
+    direct = magnetic(double_batch([atoms], magnetic.mace), training=False, compute_force=False)["magmoms"]
+    np.testing.assert_allclose(moments, direct.detach().numpy(), atol=1e-12)
+    assert atoms.get_magnetic_moment() == pytest.approx(moments.sum())
+
+
+def test_predict_command_writes_moments_and_refuses_plain_model(magnetic_run, oxide_files):
+    from mace_sparse.cli import main
+
+    work, _ = magnetic_run
+    out = work / "predicted.xyz"
+    assert main(["predict", "--model", str(work / "mag_magnetic.model"), "--configs", str(oxide_files["test"]),
+                 "-o", str(out)]) == 0
+    frames = ase.io.read(out, ":")
+    assert len(frames) == 6
+    assert all(f.arrays["MACE_magmoms"].shape == (len(f),) for f in frames)
+    assert all("MACE_energy" in f.info and "MACE_forces" in f.arrays and "MACE_stress" in f.info for f in frames)
+    bad = work / "never.xyz"
+    assert main(["predict", "--model", str(work / "mag.model"), "--configs", str(oxide_files["test"]),
+                 "-o", str(bad)]) == 2
+    assert not bad.exists()
+
+
+def test_full_finetune_with_head(oxide_files, oxide_foundation):
+    work = oxide_files["dir"] / "full"
+    work.mkdir()
+    run_mace_train(
+        ["--name", "full", "--foundation_model", oxide_foundation, "--train_file", oxide_files["train"],
+         "--valid_fraction", "0.25", "--E0s", "foundation", "--max_num_epochs", "2", "--lr", "0.01", "--seed", "1",
+         "--plot", "False", "--multiheads_finetuning", "False", *MAG_ARGS, *COMMON_ARGS],
+        cwd=work, env_extra={"OMP_NUM_THREADS": "1"},
+    )
+    assert (work / "full_magnetic.model").is_file() and (work / "full.model").is_file()
+    assert not (work / "full_sparse_delta.safetensors").exists()
+    assert "MAE_magmom=" in _log_text(work)
+
+
+def _bad_file(tmp_path, oxide_frames, mutate):
+    frames = [a.copy() for a in oxide_frames[:4]]
+    mutate(frames)
+    path = tmp_path / "bad.xyz"
+    ase.io.write(path, frames)
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda fr: fr[2].arrays.__setitem__("REF_magmoms", np.ones((len(fr[2]), 3))), "frame 2: per-atom array 'REF_magmoms' has shape"),
+        (lambda fr: fr[1].arrays["REF_magmoms"].__setitem__(0, np.nan), "frame 1: 'REF_magmoms' contains NaN or inf"),
+        (lambda fr: [a.arrays.pop("REF_magmoms") for a in fr], "no frame of"),
+    ],
+    ids=["vector_moments", "nan", "missing_everywhere"],
+)
+def test_bad_moment_labels_stop_with_one_line_and_write_nothing(tmp_path, oxide_frames, oxide_foundation, mutate, message):
+    path = _bad_file(tmp_path, oxide_frames, mutate)
+    proc = run_mace_train(
+        ["--name", "bad", "--foundation_model", oxide_foundation, "--train_file", path, "--valid_fraction", "0.25",
+         "--E0s", "foundation", "--max_num_epochs", "1", "--multiheads_finetuning", "False",
+         "--finetune-method", "sparse_str", *MAG_ARGS, *COMMON_ARGS],
+        cwd=tmp_path, check=False, env_extra={"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mace_run_train: error:") and message in last, proc.stderr[-2000:]
+    assert not any((tmp_path / d).exists() for d in ("logs", "checkpoints", "results"))
+    assert not list(tmp_path.glob("*.model"))
