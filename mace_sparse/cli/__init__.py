@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "calibrate": "mace_sparse.cli.calibrate",
     "bench-step": "mace_sparse.cli.bench_step",
     "predict": "mace_sparse.cli.predict",
+    "bench": "mace_sparse.cli.bench",
 }
 
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that record how they were run
     module = importlib.import_module(SUBCOMMANDS[args.command])
     try:
         return int(module.run(args) or 0)

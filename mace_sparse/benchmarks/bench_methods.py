@@ -1,0 +1,120 @@
+"""Methods of ``mace_sparse bench`` and the ``mace_run_train`` command each one is.
+
+Every trained method is one real ``mace_run_train`` subprocess from the case's foundation; the data, epochs,
+learning rate, batch size, seed and ``--multiheads_finetuning False`` are shared (:func:`train_command`), only
+the method's own flags differ:
+
+* ``zero-shot``: no training; the foundation is evaluated as it is.
+* ``full``: ``--finetune_method full`` (MACE's default fine-tuning: every weight trainable).
+* ``lora``: MACE's ``--lora True --lora_rank R --lora_alpha A`` (defaults 4 and 1, MACE's own). MACE merges the
+  low-rank update into the weights before saving, so the ``.model`` is plain.
+* ``freeze``: MACE's ``--freeze N``. In mace-torch 0.3.16 (``scripts_utils.get_params_options``) N is a
+  threshold, not a layer count: N ≥ 1 freezes the node embedding, N ≥ 5 also every interaction block (radial
+  MLPs, linear_up/linear, skip_tp), N ≥ 6 the products, N ≥ 7 the readouts; 2–4 act like 1, and N ≤ 0 freezes
+  nothing. The default N = 5 trains the products (symmetric contractions and their linear) and the readouts:
+  the usual "freeze the lower layers" baseline.
+* ``sparse_str-{L,H}-{linear,all}``: ``--finetune_method sparse_str`` with λ_τ from :data:`LAMBDA_PRESETS`
+  (``--sparse_threshold_weight_decay``) and ``--sparse_targets linear`` or ``all``. L = 0.3 is the largest λ_τ
+  the paper sweeps and sits below our default (1): accuracy first, fewer unchanged weights. H = 2 is where the
+  calibration (README, "Choosing the defaults") left about 98% of a foundation unchanged at about full
+  fine-tuning's accuracy: the sparse end that still fits. The two bracket the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .bench_tasks import BenchCase
+
+#: λ_τ of the two sparse_str presets (see the module docstring for why these two).
+LAMBDA_PRESETS: Dict[str, float] = {"L": 0.3, "H": 2.0}
+DEFAULT_FREEZE = 5
+DEFAULT_LORA_RANK = 4
+DEFAULT_LORA_ALPHA = 1.0
+
+REFERENCE = "full"
+ZERO_SHOT = "zero-shot"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method: its name, kind, its own ``mace_run_train`` flags and how its step cost is measured.
+
+    ``cost_key`` names the training-step set-up whose time and memory stand for the method (see
+    :mod:`mace_sparse.benchmarks.bench_cost`); the two λ_τ presets share one, since λ_τ changes which entries
+    move, not the work of a step.
+    """
+
+    name: str
+    kind: str
+    flags: Tuple[str, ...]
+    cost_key: Optional[str]
+    lambda_tau: Optional[float] = None
+    targets: Optional[str] = None
+
+    @property
+    def trains(self) -> bool:
+        return self.kind != ZERO_SHOT
+
+
+def all_methods(
+    freeze: int = DEFAULT_FREEZE, lora_rank: int = DEFAULT_LORA_RANK, lora_alpha: float = DEFAULT_LORA_ALPHA
+) -> Dict[str, Method]:
+    """Every method by name, in report order."""
+    methods: List[Method] = [
+        Method(ZERO_SHOT, ZERO_SHOT, (), None),
+        Method("full", "full", ("--finetune_method", "full"), "full"),
+        Method("lora", "lora", ("--lora", "True", "--lora_rank", str(lora_rank), "--lora_alpha", str(lora_alpha)),
+               "lora"),
+        Method("freeze", "freeze", ("--freeze", str(freeze)), "freeze"),
+    ]
+    for preset, lam in LAMBDA_PRESETS.items():
+        for targets in ("linear", "all"):
+            methods.append(Method(
+                f"sparse_str-{preset}-{targets}", "sparse_str",
+                ("--finetune_method", "sparse_str", "--sparse_threshold_weight_decay", str(lam),
+                 "--sparse_targets", targets),
+                f"sparse_str-{targets}", lambda_tau=lam, targets=targets,
+            ))
+    return {m.name: m for m in methods}
+
+
+METHOD_NAMES: Tuple[str, ...] = tuple(all_methods())
+
+
+def select_methods(names: Sequence[str], **kwargs) -> List[Method]:
+    """The named methods in report order; unknown names are refused with the valid list."""
+    known = all_methods(**kwargs)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(known)}")
+    return [m for name, m in known.items() if name in names]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """What every method of a run shares."""
+
+    epochs: int
+    lr: float = 0.01
+    batch_size: int = 4
+    dtype: str = "float64"
+    device: str = "cpu"
+
+
+def train_command(
+    case: BenchCase, method: Method, seed: int, settings: TrainSettings, train_file: str, name: str = "model"
+) -> List[str]:
+    """The full ``mace_run_train`` command line of one run (without the executable)."""
+    if not method.trains:
+        raise ValueError(f"{method.name} does not train")
+    return [
+        "--name", name, "--foundation_model", str(case.foundation), "--train_file", str(train_file),
+        "--valid_fraction", str(case.valid_fraction), "--E0s", case.e0s,
+        "--energy_key", case.energy_key, "--forces_key", case.forces_key,
+        "--multiheads_finetuning", "False", "--max_num_epochs", str(settings.epochs),
+        "--lr", str(settings.lr), "--batch_size", str(settings.batch_size), "--seed", str(seed),
+        "--default_dtype", settings.dtype, "--device", settings.device, "--plot", "False",
+        *case.extra_flags, *method.flags,
+    ]

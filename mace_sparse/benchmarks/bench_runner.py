@@ -1,0 +1,241 @@
+"""Run the side-by-side fine-tuning benchmark: every method × seed of every case, then evaluate.
+
+For each case: the training file is cut to its size, the foundation is evaluated as it is (zero-shot), every
+trained method runs as a real ``mace_run_train`` subprocess for every seed, each saved model is evaluated on
+the target test set and the source test set, its changed parameters are counted against the step-0 model,
+and the training-step cost of every method is measured (:mod:`mace_sparse.benchmarks.bench_cost`). The result
+is one JSON-ready dict; :mod:`mace_sparse.benchmarks.bench_table` turns it into the table.
+
+The step-0 model (the foundation as MACE configured it for this data: element-filtered, atomic energies per
+``--E0s``) is what "changed" is measured against. A sparse_str run records it exactly: reverting its delta file
+from its saved model gives it back bit for bit (fingerprint-checked). When a seed has no sparse_str run, one
+extra ``mace_run_train`` with the same flags, one epoch and ``--lr 0`` writes it: Adam with a zero learning
+rate adds exactly zero to every weight, so the saved model is the configured one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from . import bench_eval
+from .bench_methods import REFERENCE, ZERO_SHOT, Method, TrainSettings, train_command
+from .bench_tasks import BenchCase
+from .bench_train import TrainOutput, failure_tail, run_training, write_subset
+
+LOG = logging.getLogger("mace_sparse.bench")
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    """Everything a benchmark run shares across cases (recorded in the JSON)."""
+
+    methods: List[Method]
+    seeds: List[int]
+    settings: TrainSettings
+    out: Path
+    jobs: int = 1
+    cost_rounds: int = 10
+    measure_memory: bool = True
+    freeze: int = 5
+    lora_rank: int = 4
+    lora_alpha: float = 1.0
+
+
+@dataclasses.dataclass
+class _Job:
+    case: BenchCase
+    method: Method
+    seed: int
+    run_dir: Path
+    args: List[str]
+    index: int = 0
+    total: int = 0
+    output: Optional[TrainOutput] = None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text.replace("/", "__"))
+
+
+def _reference_method() -> Method:
+    return Method("reference-lr0", "reference", ("--finetune_method", "full"), None)
+
+
+def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Path) -> List[_Job]:
+    """The runs of one case: every trained method × seed, plus an ``--lr 0`` reference where needed."""
+    jobs = []
+    trained = [m for m in options.methods if m.trains]
+    has_sparse = any(m.kind == "sparse_str" for m in trained)
+    for seed in options.seeds:
+        for method in trained:
+            jobs.append(_Job(case, method, seed, case_dir / f"{method.name}_seed{seed}",
+                             train_command(case, method, seed, options.settings, str(train_file))))
+        if trained and not has_sparse:
+            ref = _reference_method()
+            settings = dataclasses.replace(options.settings, epochs=1, lr=0.0)
+            jobs.append(_Job(case, ref, seed, case_dir / f"reference-lr0_seed{seed}",
+                             train_command(case, ref, seed, settings, str(train_file))))
+    return jobs
+
+
+def _execute(jobs: Sequence[_Job], parallel: int) -> None:
+    """Run the jobs (``parallel`` at a time); a failed run stops the benchmark with its console tail."""
+    lock = threading.Lock()
+
+    def one(job: _Job) -> _Job:
+        with lock:
+            LOG.info("run %d/%d: %s seed %d (%s) …", job.index, job.total, job.method.name, job.seed, job.case.label)
+        job.output = run_training(job.args, job.run_dir)
+        with lock:
+            out = job.output
+            extra = f", median epoch {out.epoch_s:.2f} s" if out.epoch_s is not None else ""
+            LOG.info("run %d/%d: %s seed %d done in %.1f s%s", job.index, job.total, job.method.name, job.seed,
+                     out.wall_s, extra)
+        if not job.output.ok:
+            raise RuntimeError(f"{job.method.name} seed {job.seed} on {job.case.label} failed "
+                               f"(exit {job.output.returncode}); last lines of {job.run_dir / 'command.log'}:\n"
+                               + failure_tail(job.output))
+        return job
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for future in [pool.submit(one, job) for job in jobs]:
+            future.result()
+
+
+def _references(jobs: Sequence[_Job]) -> Dict[int, Tuple[Any, str]]:
+    """Per seed: the step-0 model and where it came from (a sparse_str delta, or the ``--lr 0`` run)."""
+    refs: Dict[int, Tuple[Any, str]] = {}
+    for job in jobs:
+        if job.seed in refs or job.output is None:
+            continue
+        if job.method.kind == "sparse_str" and job.output.delta is not None:
+            model = bench_eval.reference_from_sparse_run(job.output.model, job.output.delta)
+            refs[job.seed] = (model, f"reverted delta of {job.run_dir.name}")
+        elif job.method.kind == "reference":
+            refs[job.seed] = (bench_eval.load_model(job.output.model), f"--lr 0 run {job.run_dir.name}")
+    return refs
+
+
+def _errors_dict(prefix: str, errors: bench_eval.Errors) -> Dict[str, Any]:
+    return {f"{prefix}_energy_mae_per_atom": errors.energy_mae_per_atom,
+            f"{prefix}_energy_mae_per_config": errors.energy_mae_per_config,
+            f"{prefix}_force_mae": errors.force_mae, f"{prefix}_configs": errors.configs}
+
+
+def _evaluate_run(job: _Job, reference, target, source) -> Dict[str, Any]:
+    import torch
+
+    out = job.output
+    assert out is not None
+    saved = torch.load(str(out.model), map_location="cpu", weights_only=False)
+    change = bench_eval.count_changed(reference, saved)
+    record: Dict[str, Any] = {
+        "case": job.case.label, "method": job.method.name, "seed": job.seed,
+        "changed_entries": change.changed, "total_entries": change.total,
+        "changed_percent": change.changed_percent,
+        "model_bytes": out.model.stat().st_size, "wall_s": out.wall_s, "epoch_s_from_log": out.epoch_s,
+        "run_dir": str(out.run_dir),
+    }
+    if out.sparsity_json is not None:
+        # sparse_str's own count (same definition); the bitwise count above must agree with it
+        sparsity = json.loads(out.sparsity_json.read_text())
+        record["changed_entries_sparsity_json"] = int(sparsity["changed_entries"])
+        record["changed_percent"] = 100.0 * sparsity["changed_entries"] / sparsity["total_entries"]
+        record["delta_bytes"] = out.delta.stat().st_size if out.delta else None
+        record["delta_percent_of_model"] = (100.0 * record["delta_bytes"] / record["model_bytes"]
+                                            if record["delta_bytes"] else None)
+    model = saved.double().eval()
+    record.update(_errors_dict("target", bench_eval.evaluate(model, target, job.case.energy_key, job.case.forces_key)))
+    record.update(_errors_dict("source", bench_eval.evaluate(model, source, job.case.energy_key, job.case.forces_key)))
+    return record
+
+
+def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: int) -> Dict[str, Any]:
+    """Everything measured on one case (runs, zero-shot, step costs)."""
+    from .bench_cost import measure_step_costs
+
+    case.check_files()
+    case_dir = options.out / "runs" / _slug(case.label)
+    train_file = write_subset(case.train_file, case.train_size, case_dir / "train.xyz")
+    elements = bench_eval.file_elements(train_file)
+    target = bench_eval.read_frames(case.test_file)
+    source = bench_eval.read_frames(case.source_test_file, elements)
+    source_all = len(bench_eval.read_frames(case.source_test_file))
+    LOG.info("%s: %d target test configs, %d of %d source test configs made of the training elements",
+             case.label, len(target), len(source), source_all)
+
+    foundation = bench_eval.load_model(case.foundation)
+    zero = {"case": case.label, "method": ZERO_SHOT, "seed": None, "changed_entries": 0,
+            "changed_percent": 0.0}
+    zero.update(_errors_dict("target", bench_eval.evaluate(foundation, target, case.energy_key, case.forces_key)))
+    zero.update(_errors_dict("source", bench_eval.evaluate(foundation, source, case.energy_key, case.forces_key)))
+    LOG.info("%s: zero-shot force MAE target %.1f, source %.1f meV/Å", case.label, zero["target_force_mae"],
+             zero["source_force_mae"])
+
+    jobs = _plan(case, options, train_file, case_dir)
+    for job in jobs:
+        counter[0] += 1
+        job.index, job.total = counter[0], total
+    _execute(jobs, options.jobs)
+    refs = _references(jobs)
+    fingerprints = {seed: bench_eval.fingerprint(model) for seed, (model, _) in refs.items()}
+
+    runs = [zero] if any(m.kind == ZERO_SHOT for m in options.methods) else []
+    for job in jobs:
+        if job.method.kind == "reference":
+            continue
+        reference, _ = refs[job.seed]
+        record = _evaluate_run(job, reference, target, source)
+        LOG.info("%s seed %d: force MAE target %.1f, source %.1f meV/Å, %.2f%% of parameters changed",
+                 job.method.name, job.seed, record["target_force_mae"], record["source_force_mae"],
+                 record["changed_percent"])
+        runs.append(record)
+
+    costs: Dict[str, Any] = {}
+    trained = [m for m in options.methods if m.trains]
+    if trained:
+        base, _ = refs[options.seeds[0]]
+        frames = bench_eval.read_frames(train_file)[: options.settings.batch_size]
+        measured = measure_step_costs(
+            base, frames, trained, options.settings.lr, rounds=options.cost_rounds, lora_rank=options.lora_rank,
+            lora_alpha=options.lora_alpha, freeze=options.freeze, memory=options.measure_memory,
+            log=lambda msg: LOG.info("%s: %s", case.label, msg),
+        )
+        costs = {key: dataclasses.asdict(value) for key, value in measured.items()}
+    return {
+        "case": dataclasses.asdict(case) | {"foundation": str(case.foundation), "train_file": str(case.train_file),
+                                             "test_file": str(case.test_file),
+                                             "source_test_file": str(case.source_test_file)},
+        "train_file_used": str(train_file),
+        "elements": sorted(elements),
+        "source_configs": {"used": len(source), "in_file": source_all},
+        "reference": {str(seed): {"from": how, "fingerprint": fingerprints[seed]} for seed, (_, how) in refs.items()},
+        "reference_seed_independent": len(set(fingerprints.values())) <= 1,
+        "runs": runs,
+        "step_cost": costs,
+        "cost_key": {m.name: m.cost_key for m in options.methods if m.cost_key},
+    }
+
+
+def count_runs(cases: Sequence[BenchCase], options: BenchOptions) -> int:
+    return sum(len(_plan(c, options, c.train_file, options.out)) for c in cases)
+
+
+def run_bench(cases: Sequence[BenchCase], options: BenchOptions) -> List[Dict[str, Any]]:
+    """Measure every case; the list of per-case results (see :func:`run_case`)."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    total = count_runs(cases, options)
+    LOG.info("%d cases × %d methods × %d seeds: %d mace_run_train runs", len(cases), len(options.methods),
+             len(options.seeds), total)
+    counter = [0]
+    return [run_case(case, options, counter, total) for case in cases]
+
+
+__all__ = ["BenchOptions", "run_bench", "run_case", "count_runs", "REFERENCE"]

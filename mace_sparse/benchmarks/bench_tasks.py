@@ -1,0 +1,229 @@
+"""Task definitions of ``mace_sparse bench``: which foundation is fine-tuned on which data and tested where.
+
+A task is a list of *cases*; a case is one fine-tuning problem: a foundation, a training file (optionally only
+its first N frames), a held-out test file of the target domain and a test file of the foundation's own
+(source) domain, on which forgetting is measured. Everything is a path, so other data or another foundation
+plug in without code (``mace_sparse bench --task custom --foundation ... --train-file ...``).
+
+The real tasks point at the bundled foundations (:mod:`mace_sparse.foundations`) and the generated data sets
+under ``mace_sparse/data/<set>/``. Until those exist the ``standin`` task gives the harness something real to
+run: a small foundation pretrained here on the bundled EMT bulk cells, fine-tuned on EMT surface slabs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+#: Molecules of the rMD17-like set (``mace_sparse.data.rmd17_like.MOLECULES``) and the train sizes of the issue.
+RMD17_MOLECULES: Tuple[str, ...] = ("aspirin", "benzene", "malonaldehyde", "paracetamol")
+RMD17_SIZES: Tuple[int, ...] = (50, 200)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchCase:
+    """One fine-tuning problem, identical for every method.
+
+    Attributes:
+        task: name of the task it belongs to; ``label``: unique, human-readable (``rmd17/aspirin/N=50``).
+        foundation: the ``.model`` every method starts from.
+        train_file: extxyz training data; ``train_size``: use only its first N frames (``None``: all). The
+            rMD17-like files are written in a seeded random order, so the first N frames are a random subset.
+        test_file: held-out target-domain test set; ``source_test_file``: test set of the foundation's domain.
+        molecules: the configurations are one molecule each, so energy errors are also given per molecule.
+        e0s: MACE's ``--E0s``. ``foundation`` keeps the foundation's atomic energies; ``average`` refits them
+            to the training data, needed when the target labels come from another level of theory (another
+            energy zero) than the foundation's.
+        valid_fraction: MACE's ``--valid_fraction`` (the validation split is drawn with the run's seed).
+        extra_flags: further ``mace_run_train`` flags of the task (e.g. ``--magmom_weight``).
+    """
+
+    task: str
+    label: str
+    foundation: Path
+    train_file: Path
+    test_file: Path
+    source_test_file: Path
+    train_size: Optional[int] = None
+    molecules: bool = False
+    e0s: str = "foundation"
+    valid_fraction: float = 0.1
+    energy_key: str = "REF_energy"
+    forces_key: str = "REF_forces"
+    extra_flags: Tuple[str, ...] = ()
+
+    def check_files(self) -> None:
+        """Fail early, with the file that is missing, rather than minutes into a run."""
+        for what in ("foundation", "train_file", "test_file", "source_test_file"):
+            path = Path(getattr(self, what))
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.label}: {what} {path} does not exist")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchTask:
+    name: str
+    description: str
+    cases: Tuple[BenchCase, ...]
+
+
+def _bundled_foundation(name: str) -> Path:
+    """``mace_sparse.foundations.path(name)``; a clear message while the foundations are not merged yet."""
+    try:
+        from mace_sparse import foundations
+    except ImportError:
+        raise FileNotFoundError(
+            f"the bundled foundation {name!r} is not available (mace_sparse.foundations is missing); "
+            "use --task standin or --foundation PATH"
+        ) from None
+    return Path(foundations.path(name))
+
+
+def rmd17_task(
+    foundation: Optional[Path] = None,
+    data_dir: Optional[Path] = None,
+    source_test_file: Optional[Path] = None,
+    molecules: Sequence[str] = RMD17_MOLECULES,
+    sizes: Sequence[int] = RMD17_SIZES,
+) -> BenchTask:
+    """Organic foundation (GFN2-xTB) fine-tuned on rMD17-like GFN1-xTB MD of single molecules.
+
+    The labels come from another level of theory, hence ``--E0s average`` (MACE's least-squares fit of the
+    atomic energies to the training set); forgetting is measured on the organic foundation's own test set.
+    """
+    foundation = Path(foundation) if foundation else _bundled_foundation("organic")
+    data_dir = Path(data_dir) if data_dir else DATA_DIR / "rmd17_like"
+    source = Path(source_test_file) if source_test_file else DATA_DIR / "organic" / "test.xyz"
+    cases = tuple(
+        BenchCase(
+            task="rmd17", label=f"rmd17/{mol}/N={n}", foundation=foundation,
+            train_file=data_dir / f"{mol}_train.xyz", test_file=data_dir / f"{mol}_test.xyz",
+            source_test_file=source, train_size=n, molecules=True, e0s="average",
+        )
+        for mol in molecules
+        for n in sizes
+    )
+    return BenchTask("rmd17", "organic foundation → rMD17-like molecules (GFN1-xTB MD)", cases)
+
+
+def inorganic_task(
+    foundation: Optional[Path] = None,
+    data_dir: Optional[Path] = None,
+    source_test_file: Optional[Path] = None,
+) -> BenchTask:
+    """Inorganic foundation fine-tuned on distorted, mixed-cation TM-oxide cells it describes badly.
+
+    Same labeller (CHGNet) as the foundation's data, so the foundation's atomic energies stay (``--E0s
+    foundation``); energies and forces only (the magnetic moments are the ``magnetic`` task).
+    """
+    foundation = Path(foundation) if foundation else _bundled_foundation("inorganic")
+    data_dir = Path(data_dir) if data_dir else DATA_DIR / "magnetic_oxides"
+    source = Path(source_test_file) if source_test_file else DATA_DIR / "inorganic" / "test.xyz"
+    case = BenchCase(
+        task="inorganic", label="inorganic/tm-oxides", foundation=foundation,
+        train_file=data_dir / "train.xyz", test_file=data_dir / "test.xyz", source_test_file=source,
+    )
+    return BenchTask("inorganic", "inorganic foundation → distorted mixed TM oxides (CHGNet)", (case,))
+
+
+def magnetic_task(
+    foundation: Optional[Path] = None,
+    data_dir: Optional[Path] = None,
+    source_test_file: Optional[Path] = None,
+    magmom_weight: float = 1.0,
+) -> BenchTask:
+    """The ``inorganic`` case with the magnetic-moment head trained too (``--magmom_weight``).
+
+    Energy and force errors are reported as for every task; magnetic-moment errors are not a column yet.
+    """
+    base = inorganic_task(foundation, data_dir, source_test_file).cases[0]
+    case = dataclasses.replace(
+        base, task="magnetic", label="magnetic/tm-oxides",
+        extra_flags=("--magmom_weight", str(magmom_weight), "--magmoms_key", "REF_magmoms"),
+    )
+    return BenchTask("magnetic", "inorganic foundation → TM oxides with magnetic moments", (case,))
+
+
+def custom_task(
+    foundation: Path, train_file: Path, test_file: Path, source_test_file: Path,
+    train_size: Optional[int] = None, molecules: bool = False, e0s: str = "foundation",
+) -> BenchTask:
+    """Any foundation and data given on the command line."""
+    case = BenchCase(
+        task="custom", label=f"custom/{Path(train_file).stem}" + (f"/N={train_size}" if train_size else ""),
+        foundation=Path(foundation), train_file=Path(train_file), test_file=Path(test_file),
+        source_test_file=Path(source_test_file), train_size=train_size, molecules=molecules, e0s=e0s,
+    )
+    return BenchTask("custom", "user-given foundation and data", (case,))
+
+
+# ------------------------------------------------------------------------------------------- stand-in task
+
+#: The stand-in foundation: same recipe as ``mace_sparse quickstart`` but smaller, so quick mode stays quick.
+STANDIN_FOUNDATION_FLAGS: Tuple[str, ...] = (
+    "--model", "MACE", "--num_channels", "16", "--max_L", "1", "--r_max", "4.0", "--num_radial_basis", "8",
+    "--radial_MLP", "[32,32]", "--correlation", "2", "--E0s", "average", "--max_num_epochs", "15",
+    "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--default_dtype", "float64",
+    "--device", "cpu", "--batch_size", "4", "--seed", "1", "--lr", "0.01", "--plot", "False",
+)
+
+
+def pretrain_standin_foundation(work_dir: Path, epochs: Optional[int] = None) -> Path:
+    """Pretrain (once; reused if present) a small MACE on the bundled EMT bulk cells with ``mace_run_train``."""
+    work_dir = Path(work_dir)
+    model = work_dir / "foundation.model"
+    if model.is_file():
+        return model
+    work_dir.mkdir(parents=True, exist_ok=True)
+    flags = list(STANDIN_FOUNDATION_FLAGS)
+    if epochs is not None:
+        flags[flags.index("--max_num_epochs") + 1] = str(epochs)
+    env = {**os.environ, "MACE_SPARSE_DISABLE": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = ["mace_run_train", "--name", "foundation", "--train_file", str(DATA_DIR / "emt" / "bulk_train.xyz"),
+           "--valid_fraction", "0.15", *flags]
+    with open(work_dir / "command.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not model.is_file():
+        raise RuntimeError(f"pretraining the stand-in foundation failed; see {work_dir / 'command.log'}")
+    return model
+
+
+def standin_task(foundation: Path, data_dir: Optional[Path] = None) -> BenchTask:
+    """EMT bulk-trained foundation fine-tuned on EMT surface slabs; forgetting measured on bulk cells."""
+    data_dir = Path(data_dir) if data_dir else DATA_DIR / "emt"
+    case = BenchCase(
+        task="standin", label="standin/emt-slabs", foundation=Path(foundation),
+        train_file=data_dir / "slab_train.xyz", test_file=data_dir / "slab_test.xyz",
+        source_test_file=data_dir / "bulk_test.xyz", valid_fraction=0.2,
+    )
+    return BenchTask("standin", "EMT bulk foundation → EMT surface slabs (stand-in)", (case,))
+
+
+#: name -> builder taking (foundation override or None); ``standin`` needs a foundation (pretrained if None).
+TASK_NAMES: Tuple[str, ...] = ("standin", "rmd17", "inorganic", "magnetic")
+
+
+def build_task(name: str, foundation: Optional[Path], work_dir: Path) -> BenchTask:
+    """The task ``name``; ``foundation`` overrides its foundation, ``work_dir`` holds a pretrained stand-in."""
+    builders: Dict[str, Callable[[], BenchTask]] = {
+        "standin": lambda: standin_task(foundation or pretrain_standin_foundation(work_dir / "standin_foundation")),
+        "rmd17": lambda: rmd17_task(foundation),
+        "inorganic": lambda: inorganic_task(foundation),
+        "magnetic": lambda: magnetic_task(foundation),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)} (or give --train-file)")
+    return builders[name]()
+
+
+def select_cases(task: BenchTask, only: Optional[Sequence[str]]) -> List[BenchCase]:
+    """The task's cases whose label contains one of ``only`` (all if ``only`` is empty)."""
+    if not only:
+        return list(task.cases)
+    return [c for c in task.cases if any(part in c.label for part in only)]

@@ -1,0 +1,172 @@
+"""``mace_sparse bench``: the side-by-side fine-tuning benchmark (zero-shot, full, LoRA, freeze, sparse_str).
+
+Every method fine-tunes the task's foundation through the real ``mace_run_train`` with the same data, epochs,
+learning rate, batch size and seeds; the saved models are evaluated here on the held-out target test set and
+on the foundation's own (source) test set. Writes ``bench.md`` and ``bench.json`` into ``--out`` and prints
+the table with the issue's targets marked ✓/✗.
+
+This module only parses arguments and chooses the mode's defaults; the work is in
+:mod:`mace_sparse.benchmarks.bench_runner` and the table in :mod:`mace_sparse.benchmarks.bench_table`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+#: What each mode runs unless a flag says otherwise; ``covers`` is printed and written to bench.md.
+MODES: Dict[str, Dict[str, Any]] = {
+    "quick": {
+        "tasks": ["standin"], "cases": [], "seeds": [0], "epochs": 5, "cost_rounds": 5,
+        "methods": ["zero-shot", "full", "lora", "freeze", "sparse_str-L-all", "sparse_str-H-all",
+                    "sparse_str-H-linear"],
+        "covers": "the stand-in task only, 6 of 8 methods (no sparse_str-L-linear), 5 epochs, 1 seed: a smoke "
+                  "run of the whole pipeline, not evidence",
+    },
+    "full": {
+        "tasks": ["standin"], "cases": [], "seeds": [0, 1, 2], "epochs": 15, "cost_rounds": 20,
+        "methods": None,
+        "covers": "the stand-in task, all 8 methods, 15 epochs, 3 seeds",
+    },
+}
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    from mace_sparse.benchmarks.bench_methods import METHOD_NAMES  # light: no torch
+    from mace_sparse.benchmarks.bench_tasks import TASK_NAMES
+
+    p = subparsers.add_parser(
+        name, help="side-by-side fine-tuning benchmark: zero-shot, full, LoRA, freeze and sparse_str",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--quick", action="store_true", help=f"quick mode (≤ 10 min on 2 cores): {MODES['quick']['covers']}")
+    p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=None, help="tasks to run (default: the mode's)")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="only the cases whose label contains one of these (e.g. aspirin N=50)")
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=None,
+                   help="methods to run (default: the mode's); full is the reference of every ratio")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0 1 2; quick: 0)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs of every method")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate of every method")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4)
+    p.add_argument("--out", default="bench_results", help="output directory (bench.md, bench.json, runs/)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="mace_run_train runs at a time (accuracy does not depend on it; step cost is measured "
+                        "separately, in-process)")
+    p.add_argument("--cost-rounds", dest="cost_rounds", type=int, default=None, help="interleaved timing rounds")
+    p.add_argument("--no-memory", dest="measure_memory", action="store_false", help="skip the peak-memory part")
+    p.add_argument("--freeze", type=int, default=5, help="N of MACE's --freeze for the freeze method")
+    p.add_argument("--lora-rank", dest="lora_rank", type=int, default=4)
+    p.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=1.0)
+    custom = p.add_argument_group("another foundation or other data")
+    custom.add_argument("--foundation", default=None, help="foundation .model replacing the task's (one task)")
+    custom.add_argument("--train-file", dest="train_file", default=None,
+                        help="run the custom task on this training file (needs --test-file, --source-test-file "
+                             "and --foundation)")
+    custom.add_argument("--test-file", dest="test_file", default=None)
+    custom.add_argument("--source-test-file", dest="source_test_file", default=None)
+    custom.add_argument("--train-size", dest="train_size", type=int, default=None,
+                        help="custom task: use the first N training frames")
+    custom.add_argument("--e0s", default="foundation", help="custom task: MACE's --E0s")
+    custom.add_argument("--molecules", action="store_true", help="custom task: also report meV per molecule")
+    return p
+
+
+def _cases(args: argparse.Namespace, mode: Dict[str, Any], out: Path) -> List[Any]:
+    from mace_sparse.benchmarks import bench_tasks
+
+    if args.train_file:
+        missing = [f for f in ("test_file", "source_test_file", "foundation") if not getattr(args, f)]
+        if missing:
+            raise ValueError(f"--train-file needs --{missing[0].replace('_', '-')}")
+        tasks = [bench_tasks.custom_task(Path(args.foundation), Path(args.train_file), Path(args.test_file),
+                                         Path(args.source_test_file), args.train_size, args.molecules, args.e0s)]
+    else:
+        names = args.tasks or mode["tasks"]
+        if args.foundation and len(names) > 1:
+            raise ValueError("--foundation replaces the foundation of one task; give one --tasks name")
+        tasks = [bench_tasks.build_task(n, Path(args.foundation) if args.foundation else None, out) for n in names]
+    cases = [c for t in tasks for c in bench_tasks.select_cases(t, args.cases or mode["cases"])]
+    if not cases:
+        raise ValueError("no case matches --cases")
+    return cases
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("mace_sparse.bench")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    from mace_sparse.benchmarks import bench_methods, bench_runner, bench_table
+
+    _setup_logging()
+    log = logging.getLogger("mace_sparse.bench")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    start = time.perf_counter()
+    mode_name = "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    out = Path(args.out).resolve()
+    method_names = args.methods or mode["methods"] or list(bench_methods.METHOD_NAMES)
+    if "full" not in method_names:
+        method_names = ["full", *method_names]  # the reference of every ratio
+    methods = bench_methods.select_methods(method_names, freeze=args.freeze, lora_rank=args.lora_rank,
+                                           lora_alpha=args.lora_alpha)
+    seeds = args.seeds or mode["seeds"]
+    epochs = args.epochs or mode["epochs"]
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1; got {epochs}")
+    customised = any(getattr(args, k) for k in ("tasks", "cases", "methods", "seeds", "epochs", "train_file"))
+    covers = mode["covers"] if not customised else (
+        f"customised: methods {', '.join(m.name for m in methods)}; {epochs} epochs; seeds {seeds}")
+    log.info("mace_sparse bench, %s mode: %s", mode_name, covers)
+    cases = _cases(args, mode, out)
+    log.info("cases: %s", ", ".join(c.label for c in cases))
+    settings = bench_methods.TrainSettings(epochs=epochs, lr=args.lr, batch_size=args.batch_size)
+    options = bench_runner.BenchOptions(
+        methods=methods, seeds=list(seeds), settings=settings, out=out, jobs=args.jobs,
+        cost_rounds=args.cost_rounds or mode["cost_rounds"], measure_memory=args.measure_memory,
+        freeze=args.freeze, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+    )
+    results = bench_runner.run_bench(cases, options)
+    argv = getattr(args, "argv", None) or list(sys.argv[1:])
+    meta = {
+        "command": "mace_sparse " + " ".join(argv), "date": datetime.date.today().isoformat(), "mode": mode_name,
+        "covers": covers, "epochs": epochs, "lr": args.lr, "batch_size": args.batch_size, "seeds": list(seeds),
+        "dtype": settings.dtype, "methods": [m.name for m in methods],
+        "method_flags": {m.name: list(m.flags) for m in methods},
+        "lambda_presets": bench_methods.LAMBDA_PRESETS, "freeze": args.freeze, "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha, "wall_s": time.perf_counter() - start, "environment": _environment(),
+    }
+    report = bench_table.build_report(results, meta)
+    text = bench_table.markdown(report)
+    (out / "bench.md").write_text(text)
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str))
+    sys.stdout.write(text)
+    log.info("wrote %s and %s (%.1f min)", out / "bench.md", out / "bench.json", meta["wall_s"] / 60)
+    return 0
+
+
+def _environment() -> Dict[str, Any]:
+    import platform
+
+    import torch
+
+    import mace
+
+    return {"torch": torch.__version__, "mace": getattr(mace, "__version__", "?"),
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
