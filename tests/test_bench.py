@@ -1,0 +1,148 @@
+"""``mace_sparse bench``: the table builder on synthetic results, the method → flag mapping, one tiny real run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mace_sparse.benchmarks import bench_methods, bench_table
+from mace_sparse.benchmarks.bench_tasks import BenchCase
+
+
+def _run(method, seed, target, source, changed, **extra):
+    return {"case": "syn", "method": method, "seed": seed, "target_force_mae": target, "source_force_mae": source,
+            "target_energy_mae_per_atom": 1.0, "target_energy_mae_per_config": 10.0, "changed_percent": changed,
+            **extra}
+
+
+def _synthetic_case(sparse_target=(38.0, 40.0, 42.0), sparse_source=11.0, sparse_changed=3.0, sparse_ms=105.0):
+    runs = [_run("zero-shot", None, 80.0, 10.0, 0.0)]
+    runs += [_run("full", s, t, 14.0, 99.0) for s, t in zip((0, 1, 2), (42.0, 44.0, 46.0))]
+    runs += [_run("lora", s, 50.0, 12.0, 30.0) for s in (0, 1, 2)]
+    runs += [_run("sparse_str-H-all", s, t, sparse_source, sparse_changed, delta_bytes=1000,
+                  delta_percent_of_model=2.0) for s, t in zip((0, 1, 2), sparse_target)]
+    return {
+        "case": {"label": "syn", "molecules": True, "foundation": "f.model", "train_size": 50, "test_file": "t",
+                 "source_test_file": "s", "e0s": "average"},
+        "train_file_used": "train.xyz", "source_configs": {"used": 5, "in_file": 6},
+        "runs": runs,
+        "step_cost": {"full": {"median_ms": 100.0, "peak_memory_bytes": 1000},
+                      "lora": {"median_ms": 80.0, "peak_memory_bytes": 800},
+                      "sparse_str-all": {"median_ms": sparse_ms, "peak_memory_bytes": 1100}},
+        "cost_key": {"full": "full", "lora": "lora", "sparse_str-H-all": "sparse_str-all"},
+    }
+
+
+def test_rows_ratios_and_mean_std():
+    rows = {r["method"]: r for r in bench_table.summarize_case(_synthetic_case())}
+    full, sparse = rows["full"], rows["sparse_str-H-all"]
+    assert full["target_force_mae"] == pytest.approx(44.0)
+    assert full["target_force_mae_std"] == pytest.approx(2.0)  # sample std of 42, 44, 46
+    assert rows["zero-shot"]["target_force_mae_std"] == 0.0 and rows["zero-shot"]["seeds"] == 1
+    assert sparse["target_force_ratio_to_full"] == pytest.approx(40.0 / 44.0)
+    assert full["source_rise"] == pytest.approx(4.0) and sparse["source_rise"] == pytest.approx(1.0)
+    assert sparse["source_rise_ratio_to_full"] == pytest.approx(0.25)
+    assert sparse["step_time_ratio"] == pytest.approx(1.05) and sparse["peak_memory_ratio"] == pytest.approx(1.1)
+    assert rows["lora"]["step_time_ratio"] == pytest.approx(0.8)
+    assert rows["zero-shot"]["step_time_ratio"] is None
+    assert sparse["unchanged_percent"] == pytest.approx(97.0)
+
+
+def test_checks_pass_and_fail():
+    good = bench_table.checks_for(bench_table.summarize_case(_synthetic_case()))
+    assert [c["method"] for c in good] == ["sparse_str-H-all"]
+    # 40 ≤ 0.95·44 = 41.8, 40 ≤ 0.9·50 = 45, 97% unchanged, rise 1 ≤ 0.5·4, 1.05 ≤ 1.1, 1.1 ≤ 1.2
+    assert all(good[0][key] is True for key, _ in bench_table.CHECKS)
+    bad = bench_table.checks_for(bench_table.summarize_case(
+        _synthetic_case(sparse_target=(43.0, 43.0, 43.0), sparse_source=13.0, sparse_changed=6.0, sparse_ms=120.0)))
+    assert bad[0]["force_vs_full"] is False and bad[0]["force_vs_lora"] is True  # 43 > 41.8; 43 ≤ 45
+    assert bad[0]["unchanged"] is False and bad[0]["forgetting"] is False and bad[0]["step_time"] is False
+    assert bad[0]["peak_memory"] is True
+
+
+def test_missing_lora_gives_no_verdict_and_markdown_marks():
+    case = _synthetic_case()
+    case["runs"] = [r for r in case["runs"] if r["method"] != "lora"]
+    report = bench_table.build_report([case], {
+        "date": "d", "command": "mace_sparse bench", "mode": "quick", "covers": "c", "epochs": 1, "lr": 0.01,
+        "batch_size": 4, "seeds": [0, 1, 2], "dtype": "float64", "lambda_presets": {"L": 0.3, "H": 2.0},
+        "lora_rank": 4, "lora_alpha": 1.0, "freeze": 5, "wall_s": 60.0})
+    assert report["cases"][0]["checks"][0]["force_vs_lora"] is None
+    text = bench_table.markdown(report)
+    assert "40.0 ± 2.0" in text and "meV/molecule" in text and "✓" in text and "| – |" in text
+    json.dumps(report)
+
+
+def _case():
+    return BenchCase(task="t", label="t/x", foundation="f.model", train_file="train.xyz", test_file="test.xyz",
+                     source_test_file="src.xyz", e0s="average")
+
+
+def test_lora_and_freeze_flags_accepted_by_mace_parser():
+    from mace.tools import build_default_arg_parser
+
+    settings = bench_methods.TrainSettings(epochs=3, lr=0.005, batch_size=2)
+    methods = bench_methods.all_methods(freeze=6, lora_rank=8, lora_alpha=2.0)
+    lora = build_default_arg_parser().parse_args(
+        bench_methods.train_command(_case(), methods["lora"], 7, settings, "train.xyz"))
+    assert lora.lora is True and lora.lora_rank == 8 and lora.lora_alpha == 2.0
+    assert lora.multiheads_finetuning is False and lora.seed == 7 and lora.max_num_epochs == 3
+    assert lora.lr == 0.005 and lora.batch_size == 2 and lora.E0s == "average" and lora.foundation_model == "f.model"
+    freeze = build_default_arg_parser().parse_args(
+        bench_methods.train_command(_case(), methods["freeze"], 0, settings, "train.xyz"))
+    assert freeze.freeze == 6 and not freeze.lora
+
+
+def test_sparse_flags_accepted_with_the_plugin():
+    from mace.tools import build_default_arg_parser
+
+    from mace_sparse.integration.arguments import add_sparse_arguments
+
+    parser = add_sparse_arguments(build_default_arg_parser())  # adds the magnetic flags too
+    settings = bench_methods.TrainSettings(epochs=1)
+    methods = bench_methods.all_methods()
+    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 8
+    for name in ("full", "sparse_str-L-linear", "sparse_str-H-all"):
+        args = parser.parse_args(bench_methods.train_command(_case(), methods[name], 0, settings, "train.xyz"))
+        assert args.finetune_method == methods[name].kind
+    args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-L-linear"], 0, settings, "x"))
+    assert args.sparse_threshold_weight_decay == bench_methods.LAMBDA_PRESETS["L"]
+    assert "linear" in str(args.sparse_targets)
+    with pytest.raises(ValueError):
+        bench_methods.train_command(_case(), methods["zero-shot"], 0, settings, "x")
+    with pytest.raises(ValueError, match="unknown method"):
+        bench_methods.select_methods(["nope"])
+
+
+def test_bench_end_to_end(tmp_path, tiny_foundation, emt_data):
+    """Zero-shot and one sparse_str method, one epoch, through the real mace_run_train (one subprocess: the
+    sparse run's delta gives the step-0 reference, and a full step is timed in-process for the ratios)."""
+    from mace_sparse.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--foundation", str(tiny_foundation), "--train-file", str(emt_data["slab_train"]),
+                 "--test-file", str(emt_data["slab_test"]), "--source-test-file", str(emt_data["bulk_test"]),
+                 "--methods", "zero-shot", "sparse_str-H-all", "--epochs", "1", "--seeds", "0",
+                 "--cost-rounds", "2", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").read_text().count("sparse_str-H-all") >= 2
+    case = report["cases"][0]
+    rows = {r["method"]: r for r in case["rows"]}
+    assert set(rows) == {"zero-shot", "sparse_str-H-all"}
+    for row in rows.values():
+        for key in ("target_force_mae", "target_energy_mae_per_atom", "source_force_mae", "changed_percent",
+                    "source_rise"):
+            assert math.isfinite(row[key]), (row["method"], key)
+    sparse = rows["sparse_str-H-all"]
+    for key in ("step_time_ratio", "peak_memory_ratio", "delta_bytes", "delta_percent_of_model"):
+        assert math.isfinite(sparse[key]) and sparse[key] > 0, key
+    assert sparse["delta_percent_of_model"] < 100 and 0 < sparse["changed_percent"] < 100
+    assert rows["zero-shot"]["changed_percent"] == 0.0
+    run = next(r for r in case["runs"] if r["method"] == "sparse_str-H-all")
+    assert run["changed_entries"] == run["changed_entries_sparsity_json"]  # bitwise count = the run's own count
+    check = case["checks"][0]
+    assert check["method"] == "sparse_str-H-all" and check["force_vs_full"] is None  # full was not run
+    assert check["step_time"] in (True, False) and check["unchanged"] in (True, False)
