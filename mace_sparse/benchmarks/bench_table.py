@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 FORCE_VS_FULL = 0.95
@@ -127,6 +128,18 @@ def build_report(case_results: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -
 # ---------------------------------------------------------------------------------------------- markdown
 
 
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _display(path: Any) -> str:
+    """A path as the reader of bench.md wants it: relative to the source tree when it lies inside it."""
+    p = Path(str(path))
+    try:
+        return str(p.resolve().relative_to(_REPO))
+    except ValueError:
+        return str(p)
+
+
 def _fmt(value: Optional[float], spec: str = ".1f") -> str:
     return "–" if value is None or not math.isfinite(value) else format(value, spec)
 
@@ -159,9 +172,9 @@ def case_markdown(case: Dict[str, Any]) -> str:
     lines = [
         f"### {info['label']}",
         "",
-        f"Foundation `{info['foundation']}`; train `{case['train_file_used']}`"
+        f"Foundation `{_display(info['foundation'])}`; train `{_display(case['train_file_used'])}`"
         + (f" (first {info['train_size']} frames)" if info.get("train_size") else "")
-        + f"; target test `{info['test_file']}`; source test `{info['source_test_file']}` "
+        + f"; target test `{_display(info['test_file'])}`; source test `{_display(info['source_test_file'])}` "
         f"({case['source_configs']['used']} of {case['source_configs']['in_file']} configurations, those made of "
         f"the training elements); `--E0s {info['e0s']}`.",
         "",

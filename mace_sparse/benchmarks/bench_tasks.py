@@ -13,6 +13,7 @@ run: a small foundation pretrained here on the bundled EMT bulk cells, fine-tune
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -180,6 +181,8 @@ def pretrain_standin_foundation(work_dir: Path, epochs: Optional[int] = None) ->
     if model.is_file():
         return model
     work_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("mace_sparse.bench").info(
+        "pretraining the stand-in foundation on EMT bulk cells in %s (once; reused by later runs)", work_dir)
     flags = list(STANDIN_FOUNDATION_FLAGS)
     if epochs is not None:
         flags[flags.index("--max_num_epochs") + 1] = str(epochs)
