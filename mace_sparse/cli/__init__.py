@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "calibrate": "mace_sparse.cli.calibrate",
     "bench-step": "mace_sparse.cli.bench_step",
     "predict": "mace_sparse.cli.predict",
+    "bench-magnetic": "mace_sparse.cli.bench_magnetic",
 }
 
 
