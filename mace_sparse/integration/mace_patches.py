@@ -57,7 +57,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from ..config import SparseConfig, SparseConfigError
 from .arguments import add_sparse_arguments, sparse_config_from_args
@@ -308,17 +308,16 @@ def needs_cpu_distributed_patches(args: Any) -> bool:
     return bool(getattr(args, "distributed", False)) and str(getattr(args, "device", "")) == "cpu"
 
 
-def state_dict_digest(model: Any) -> dict:
-    """SHA-256 of every tensor of ``model.state_dict()`` (raw bytes, so equal digests mean bit-identical
-    weights), and one over all of them in state-dict order."""
+def state_dict_digest(state_dict: Mapping[str, Any]) -> dict:
+    """SHA-256 of every tensor of a state dict (raw bytes, so equal digests mean bit-identical tensors), and
+    one over all of them in order. Also used by tests to digest a checkpoint's ``"model"`` entry."""
     import hashlib
 
     import torch
 
-    model = getattr(model, "module", model)  # a DDP wrapper would prefix every key with "module."
     per_key = {}
     total = hashlib.sha256()
-    for key, value in model.state_dict().items():
+    for key, value in state_dict.items():
         if not torch.is_tensor(value):
             continue
         raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -329,14 +328,17 @@ def state_dict_digest(model: Any) -> dict:
 
 
 def write_rank_digest(model: Any, directory: str) -> Path:
-    """Write ``<directory>/rank<R>.json`` with :func:`state_dict_digest` of ``model`` for this process's rank."""
+    """Write ``<directory>/rank<R>.json``: this process's rank and :func:`state_dict_digest` of ``model``."""
     import torch.distributed as dist
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    model = getattr(model, "module", model)  # a DDP wrapper would prefix every key with "module."
+    grouped = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if grouped else 0
+    world_size = dist.get_world_size() if grouped else 1
+    record = {"rank": rank, "world_size": world_size, **state_dict_digest(model.state_dict())}
     path = Path(directory) / f"rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rank": rank, "world_size": world_size, **state_dict_digest(model)}, indent=1))
+    path.write_text(json.dumps(record, indent=1))
     return path
 
 
@@ -359,7 +361,7 @@ def cpu_distributed_patches(run_train: ModuleType, args: Any) -> Iterator[None]:
 
     original_init = run_train.init_distributed
 
-    def init_distributed(a):
+    def init_distributed(a: Any) -> tuple:
         """MACE's rank discovery, then a gloo group: MACE 0.3.16 only creates nccl (cuda) or ccl (xpu) groups.
 
         MACE's launchers leave RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment (torchrun sets
@@ -372,7 +374,7 @@ def cpu_distributed_patches(run_train: ModuleType, args: Any) -> Iterator[None]:
 
     original_ddp = run_train.DDP
 
-    def DDP(module, device_ids=None, **kw):  # noqa: N802  (stands in for the class name MACE calls)
+    def DDP(module: Any, device_ids: Optional[list] = None, **kw: Any) -> Any:  # noqa: N802  (MACE's name)
         """DDP for a CPU module: ``device_ids`` must be left out (DDP raises otherwise)."""
         return original_ddp(module, **kw)
 
@@ -383,7 +385,7 @@ def cpu_distributed_patches(run_train: ModuleType, args: Any) -> Iterator[None]:
         if digest_dir:
             original_train = mace.tools.train
 
-            def train(*a, **kw):
+            def train(*a: Any, **kw: Any) -> Any:
                 """MACE's training loop, then this rank's weight digest (``MACE_SPARSE_RANK_DIGEST``)."""
                 result = original_train(*a, **kw)
                 write_rank_digest(kw["model"] if "model" in kw else a[0], digest_dir)
