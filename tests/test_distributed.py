@@ -30,13 +30,19 @@ import sys
 import sysconfig
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import mace  # noqa: F401  (before e3nn)
 import pytest
 import torch
 
 from conftest import COMMON_ARGS
-from mace_sparse.integration.mace_patches import RANK_DIGEST_ENV, state_dict_digest
+from mace_sparse.integration.mace_patches import (
+    RANK_DIGEST_ENV,
+    cpu_distributed_patches,
+    needs_cpu_distributed_patches,
+    state_dict_digest,
+)
 
 #: Test-only start-up file for the rank processes: records the destination of every rename, per rank.
 RENAME_RECORDER = textwrap.dedent(
@@ -199,3 +205,36 @@ def test_plain_fine_tuning_distributed(tiny_foundation, small_train, tmp_path_fa
     assert state_dict_digest(checkpoint["model"])["tensors"] == rank0["tensors"]
     assert (work / "ft.model").is_file() and not list(work.glob("*_sparse_delta.safetensors"))
     assert "SPARSE" not in next((work / "logs").glob("ft_run-1.log")).read_text()
+
+
+# ------------------------------------------------------------------------------- the patches themselves
+
+
+def test_patches_apply_to_cpu_distributed_runs_only():
+    def args(**kw):
+        return SimpleNamespace(**{"distributed": True, "device": "cpu", "launcher": "torchrun", **kw})
+
+    assert needs_cpu_distributed_patches(args())
+    assert not needs_cpu_distributed_patches(args(distributed=False))
+    assert not needs_cpu_distributed_patches(args(device="cuda"))  # MACE sets cuda and xpu up itself
+
+
+def test_ddp_loses_device_ids_and_everything_is_restored(monkeypatch):
+    import mace.tools
+
+    monkeypatch.delenv(RANK_DIGEST_ENV, raising=False)
+    wrapped = []
+    fake_run_train = SimpleNamespace(
+        init_distributed=lambda a: (0, 0, 1), DDP=lambda module, **kw: wrapped.append((module, kw))
+    )
+    originals = dict(vars(fake_run_train))
+    train = mace.tools.train
+    args = SimpleNamespace(distributed=True, device="cpu", launcher="none")
+    with cpu_distributed_patches(fake_run_train, args):
+        fake_run_train.DDP("model", device_ids=[0], find_unused_parameters=True)
+        # launcher "none": MACE reports a single process and no group is made
+        assert fake_run_train.init_distributed(args) == (0, 0, 1)
+        assert not torch.distributed.is_initialized()
+        assert mace.tools.train is train  # the digest wrapper only with MACE_SPARSE_RANK_DIGEST set
+    assert wrapped == [("model", {"find_unused_parameters": True})]
+    assert vars(fake_run_train) == originals
