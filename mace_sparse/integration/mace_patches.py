@@ -1,12 +1,12 @@
 """Every patch this package applies to MACE, in one place, each tied to the MACE release it was written for.
 
 ``mace_run_train`` has no plugin mechanism (see ``patches/`` for the hook we propose upstream), so the package
-replaces a few names that ``mace.cli.run_train.run`` looks up at call time. Two kinds of patch:
+replaces a few names that ``mace.cli.run_train.run`` looks up at call time. Three kinds of patch:
 
 * **entry patches**, installed when ``mace.cli.run_train`` is imported (:func:`install`): MACE's argument
   parser gains the sparse flags, and ``run`` is wrapped so that it validates them before anything is written.
   Without a sparse flag the wrapped ``run`` calls MACE's own ``run`` with the same arguments: behaviour is
-  unchanged.
+  unchanged (except that a ``--distributed`` CPU run, which MACE cannot start, gets the patches below).
 * **run patches**, active only while a ``--finetune-method sparse_str`` run executes
   (:func:`sparse_run_patches`), then removed again:
 
@@ -364,8 +364,8 @@ def cpu_distributed_patches(run_train: ModuleType, args: Any) -> Iterator[None]:
     def init_distributed(a: Any) -> tuple:
         """MACE's rank discovery, then a gloo group: MACE 0.3.16 only creates nccl (cuda) or ccl (xpu) groups.
 
-        MACE's launchers leave RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment (torchrun sets
-        them, MACE's slurm and mpi branches export them), which is what ``env://`` reads.
+        ``env://`` reads MASTER_ADDR and MASTER_PORT from the environment: torchrun sets them, MACE's slurm
+        branch exports them, its mpi branch expects them from the user (tested: torchrun and slurm).
         """
         rank, local_rank, world_size = original_init(a)
         if a.distributed and a.launcher != "none" and not dist.is_initialized():
