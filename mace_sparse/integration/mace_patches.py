@@ -29,14 +29,13 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Optional
 
 from ..config import SparseConfig, SparseConfigError
 from .arguments import add_sparse_arguments, sparse_config_from_args
+from .input_checks import check_inputs
 
 #: mace-torch releases these patches were written and tested against.
 TESTED_MACE_VERSIONS = ("0.3.16",)
@@ -66,7 +65,10 @@ def _fail(message: str) -> None:
 
 
 def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
-    """Check the sparse flags against each other and MACE's flags; exits with one line on a bad combination."""
+    """Check the sparse flags, MACE's flags, the foundation, the data and the output dirs; one line on error.
+
+    Runs before MACE's ``run()`` body, whose first act is to create ``--log_dir``: a refused run writes nothing.
+    """
     try:
         config = sparse_config_from_args(args)
     except SparseConfigError as exc:
@@ -90,13 +92,11 @@ def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
     foundation = getattr(args, "foundation_model", None)
     if not foundation:
         _fail("--finetune-method sparse_str needs a pretrained model: add --foundation_model PATH")
-    if _looks_like_path(foundation) and not Path(foundation).is_file():
-        _fail(f"--foundation_model {foundation!r} does not exist; give the path of a MACE .model file")
+    try:
+        check_inputs(args)  # output dirs, the foundation file, the data (see input_checks for why)
+    except SparseConfigError as exc:
+        _fail(str(exc))
     return config
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.endswith(".model") or value.endswith(".pt") or Path(value).exists()
 
 
 # ----------------------------------------------------------------------------------------------- patching
