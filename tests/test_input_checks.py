@@ -252,3 +252,26 @@ def test_good_input_passes_every_check_and_writes_nothing(tiny_foundation, emt_d
                              + ["--test_file", str(emt_data["slab_test"]), "--model_dir", str(tmp_path / "m")])
     assert validate_sparse_args(args) is not None
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------- items 1-3 through the Python API
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(targets="linear,foo"),
+         "--sparse_targets: unknown weight kind 'foo'; choose from linear, skip_tp, contraction, radial or 'all'"),
+        (dict(init_threshold=0.0), "--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got 0.0"),
+        (dict(init_threshold=-1e-3), "--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got -0.001"),
+        (dict(init_threshold=1.0), "--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got 1.0"),
+        (dict(threshold_weight_decay=-1.0), "--sparse_threshold_weight_decay (λ_τ) must be >= 0; got -1.0"),
+    ],
+)
+def test_python_api_refuses_the_same_values_with_the_same_line(kwargs, message):
+    """``SparseConfig`` is what both the API and ``mace_run_train`` use, so the message is the same one line."""
+    from mace_sparse.config import SparseConfig, SparseConfigError
+
+    with pytest.raises(SparseConfigError) as info:
+        SparseConfig(**kwargs)
+    assert str(info.value) == message
