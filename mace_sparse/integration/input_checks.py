@@ -33,12 +33,13 @@ import numpy as np
 
 from ..config import SparseConfigError
 
-#: The output folders ``mace_run_train`` writes to, and how ``mace.tools.check_args`` defaults them.
-OUTPUT_DIRS: Tuple[Tuple[str, Optional[str]], ...] = (
+#: The output folders ``mace_run_train`` writes to, and how ``mace.tools.check_args`` defaults them (a folder
+#: below ``--work_dir``; ``""`` is the work dir itself).
+OUTPUT_DIRS: Tuple[Tuple[str, str], ...] = (
     ("log_dir", "logs"),
     ("checkpoints_dir", "checkpoints"),
     ("results_dir", "results"),
-    ("model_dir", None),  # None: the work dir itself
+    ("model_dir", ""),
 )
 
 #: File extensions MACE reads as pre-processed datasets, not through ASE (left to MACE).
@@ -54,20 +55,19 @@ def check_output_dirs(args: Any) -> None:
     from ..artifacts.atomic import unwritable_reason
 
     work_dir = getattr(args, "work_dir", None) or "."
+    wanted = [("work_dir", work_dir, work_dir)]
+    for flag, default in OUTPUT_DIRS:
+        given = getattr(args, flag, None)
+        wanted.append((flag, given, given or os.path.join(work_dir, default)))
     seen: Set[str] = set()
-    for flag, default in (("work_dir", ""),) + OUTPUT_DIRS:
-        value = getattr(args, flag, None) if flag != "work_dir" else work_dir
-        directory = value if value else (os.path.join(work_dir, default) if default else work_dir)
-        key = os.path.abspath(directory)
-        if key in seen:
+    for flag, given, directory in wanted:
+        if os.path.abspath(directory) in seen:
             continue
-        seen.add(key)
+        seen.add(os.path.abspath(directory))
         reason = unwritable_reason(directory)
         if reason is not None:
-            given = f"--{flag} {value}" if value else f"--{flag} (default {directory})"
-            raise SparseConfigError(
-                f"{given} is not writable: {reason}; choose a writable directory with --{flag}"
-            )
+            shown = f"--{flag} {given}" if given else f"--{flag} (default {directory})"
+            raise SparseConfigError(f"{shown} is not writable: {reason}; choose a writable directory with --{flag}")
 
 
 def check_foundation_model(foundation: str) -> Optional[List[int]]:
