@@ -65,15 +65,14 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from ..config import SparseConfig, SparseConfigError
 from ..magnetism.config import MagneticConfig, MagneticConfigError
 from .arguments import add_sparse_arguments, magnetic_config_from_args, sparse_config_from_args
+from .input_checks import check_inputs
 from .run_hooks import FineTuneHooks
 
 #: mace-torch releases these patches were written and tested against.
@@ -104,7 +103,10 @@ def _fail(message: str) -> None:
 
 
 def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
-    """Check the sparse flags against each other and MACE's flags; exits with one line on a bad combination."""
+    """Check the sparse flags, MACE's flags, the foundation, the data and the output dirs; one line on error.
+
+    Runs before MACE's ``run()`` body, whose first act is to create ``--log_dir``: a refused run writes nothing.
+    """
     try:
         config = sparse_config_from_args(args)
     except SparseConfigError as exc:
@@ -128,8 +130,10 @@ def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
     foundation = getattr(args, "foundation_model", None)
     if not foundation:
         _fail("--finetune-method sparse_str needs a pretrained model: add --foundation_model PATH")
-    if _looks_like_path(foundation) and not Path(foundation).is_file():
-        _fail(f"--foundation_model {foundation!r} does not exist; give the path of a MACE .model file")
+    try:
+        check_inputs(args)  # output dirs, the foundation file, the data (see input_checks for why)
+    except SparseConfigError as exc:
+        _fail(str(exc))
     return config
 
 
@@ -180,11 +184,14 @@ def _as_list(value: Any) -> list:
 
 def validate_run_args(args: Any) -> FineTuneHooks:
     """Every check of the flags this package adds; the hooks of the run (inactive for MACE's own runs)."""
-    return FineTuneHooks(args, validate_sparse_args(args), validate_magnetic_args(args))
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.endswith(".model") or value.endswith(".pt") or Path(value).exists()
+    sparse = validate_sparse_args(args)
+    magnetic = validate_magnetic_args(args)
+    if magnetic is not None and sparse is None and getattr(args, "foundation_model", None):
+        try:
+            check_inputs(args)  # a full fine-tune with the head gets the same early checks as sparse_str
+        except SparseConfigError as exc:
+            _fail(str(exc))
+    return FineTuneHooks(args, sparse, magnetic)
 
 
 # ----------------------------------------------------------------------------------------------- patching
