@@ -66,7 +66,7 @@ def pythonpath(*entries: Path) -> str:
     return os.pathsep.join([*map(str, entries), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
-def test_patch_applies_cleanly_and_only_adds(patched_site):
+def test_patch_touches_three_files_and_only_adds_calls(patched_site):
     plugins = (patched_site / "mace" / "tools" / "plugins.py").read_text()
     assert "HOOK_API_VERSION = 1" in plugins and '"mace.plugins"' in plugins
     text = PATCH.read_text()
