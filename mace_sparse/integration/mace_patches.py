@@ -1,38 +1,35 @@
 """Every patch this package applies to MACE, in one place, each tied to the MACE release it was written for.
 
-``mace_run_train`` has no plugin mechanism (see ``patches/`` for the hook we propose upstream), so the package
-replaces a few names that ``mace.cli.run_train.run`` looks up at call time. Three kinds of patch:
+MACE as released has no plugin mechanism, so the package replaces a few names that ``mace.cli.run_train.run``
+looks up at call time. Where MACE carries the plugin hook proposed in
+``patches/mace-torch-0.3.16-plugin-hooks.patch`` (``mace.tools.plugins``) *and* this package's ``mace.plugins``
+entry point is installed, :func:`install` leaves the seams the hook offers to the hook
+(:mod:`.mace_plugin`) and patches only the rest. Both paths drive one :class:`FineTuneHooks` object per run.
 
-* **entry patches**, installed when ``mace.cli.run_train`` is imported (:func:`install`): MACE's argument
-  parser gains the sparse flags, and ``run`` is wrapped so that it validates them before anything is written.
-  Without a sparse flag the wrapped ``run`` calls MACE's own ``run`` with the same arguments: behaviour is
-  unchanged (except that a ``--distributed`` CPU run, which MACE cannot start, gets the patches below).
-* **run patches**, active only while a ``--finetune-method sparse_str`` run or a run with the magnetic head
-  (``--magmom_weight > 0``) executes (:func:`run_patches`), then removed again. Each only forwards to the
-  matching stage of :class:`~mace_sparse.integration.run_hooks.FineTuneHooks`, where the behaviour lives:
+* **entry patches**, installed when ``mace.cli.run_train`` is imported (:func:`install`). Without the hook:
+  MACE's argument parser gains the flags, and ``run`` is wrapped so that it validates them before anything is
+  written (without a flag it calls MACE's own ``run`` with the same arguments: behaviour is unchanged). With
+  the hook: ``run`` is only wrapped to remove the run's remaining patches when it returns.
+* **run patches**, active only while a sparse_str or moment-head run executes (:func:`run_patches`):
 
-  ============================  ===============================================================
-  name in MACE                  what the patch adds
-  ============================  ===============================================================
-  ``run_train.configure_model``  reparameterise the configured (element-filtered) foundation
-  ``run_train.get_params_options``  threshold scores in their own group, frozen weights dropped
-  ``run_train.get_optimizer``   decoupled λ_τ weight decay as an optimizer step pre-hook
-  ``run_train.get_swa``         threshold group keeps its lr ratio under SWALR (stage two)
-  ``run_train.deepcopy``        the save-time copy is merged into a plain MACE model; the delta file
-                                and ``<name>_sparsity.json`` are written beside it
-  ``tools.train.valid_err_log`` validation lines also report sparsity and mean δ (and moment errors)
-  ============================  ===============================================================
+  ================================  ========  ====================================================
+  name in MACE                      hook      what the patch adds
+  ================================  ========  ====================================================
+  ``run_train.configure_model``     replaces  reparameterise the configured foundation; attach head
+  ``run_train.get_params_options``  replaces  threshold scores / head in their own groups
+  ``run_train.get_optimizer``       replaces  decoupled λ_τ weight decay as an optimizer step pre-hook
+  ``run_train.get_swa``             replaces  threshold group keeps its lr ratio under SWALR (stage two)
+  ``run_train.deepcopy``            replaces  the save-time copy is merged into a plain MACE model; the
+                                              delta file and ``<name>_sparsity.json`` are written
+  ``run_train.get_loss_fn``         replaces  moment term in the loss (moment head only)
+  ``tools.train.valid_err_log``     stays     validation lines also report sparsity, mean δ, moments
+  ``run_train.update_keyspec_…``,   stays     moments through MACE's data, metrics and error tables
+  ``data.utils.config_from_atoms``,           (moment head only)
+  ``tools.train.MACELoss``,
+  ``run_train.create_error_table``
+  ================================  ========  ====================================================
 
-  With the magnetic head also (:func:`_enter_magnetic_patches`): ``configure_model`` attaches the head and
-  ``get_params_options`` gives it a group; ``deepcopy`` writes ``<name>_magnetic.model``; and
-
-  ==================================  =========================================================
-  ``run_train.update_keyspec_from_kwargs``  the per-atom moment array joins MACE's key specification
-  ``data.utils.config_from_atoms``    frames without moments get zeros with weight 0 (``charges`` pattern)
-  ``run_train.get_loss_fn``           MACE's loss plus the weighted moment term
-  ``tools.train.MACELoss``            the evaluation metric also collects moment errors
-  ``run_train.create_error_table``    MAE/RMSE moment columns in the final error tables
-  ==================================  =========================================================
+Each run logs one ``mace-sparse wiring:`` line naming the path taken and the names it replaced.
 
 * **distributed-on-CPU patches**, active while a ``--distributed`` run with ``--device cpu`` executes, for any
   fine-tuning method (plain training included), since they lift a MACE limitation rather than add a feature
@@ -67,7 +64,8 @@ import json
 import logging
 import sys
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Mapping, Optional
 
 from ..config import SparseConfig, SparseConfigError
 from ..magnetism.config import MagneticConfig, MagneticConfigError
@@ -197,6 +195,18 @@ def validate_run_args(args: Any) -> FineTuneHooks:
 # ----------------------------------------------------------------------------------------------- patching
 
 
+class _Patcher:
+    """Replaces names for the length of a run and remembers which, so the run log can say how it was wired."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
+        self.names: List[str] = []
+
+    def replace(self, owner: ModuleType, name: str, new: Callable) -> None:
+        self.stack.enter_context(_replaced(owner, name, new))
+        self.names.append(f"{owner.__name__}.{name}")
+
+
 @contextlib.contextmanager
 def _replaced(owner: Any, name: str, new: Callable) -> Iterator[None]:
     old = getattr(owner, name)
@@ -220,12 +230,8 @@ class _AppendToMessage(logging.Filter):
         return True
 
 
-@contextlib.contextmanager
-def run_patches(run_train: ModuleType, hooks: FineTuneHooks) -> Iterator[FineTuneHooks]:
-    """Wire ``hooks`` into ``run_train`` (and MACE's train loop and data code) for one run; restores on exit."""
-    train_module = sys.modules["mace.tools.train"]
-    data_utils = sys.modules["mace.data.utils"]
-
+def _patch_hooked_seams(patcher: _Patcher, run_train: ModuleType, hooks: FineTuneHooks) -> None:
+    """The seams that MACE's plugin hook (``patches/``) also offers: used only where MACE lacks the hook."""
     original_configure = run_train.configure_model
 
     def configure_model(*a, **kw):
@@ -252,6 +258,23 @@ def run_patches(run_train: ModuleType, hooks: FineTuneHooks) -> Iterator[FineTun
     def deepcopy(obj, memo=None):
         return hooks.before_save(obj, copy.deepcopy(obj, memo))
 
+    patcher.replace(run_train, "configure_model", configure_model)
+    patcher.replace(run_train, "get_params_options", get_params_options)
+    patcher.replace(run_train, "get_optimizer", get_optimizer)
+    patcher.replace(run_train, "get_swa", get_swa)
+    patcher.replace(run_train, "deepcopy", deepcopy)
+    if hooks.magnetic is not None:
+        original_loss = run_train.get_loss_fn
+
+        def get_loss_fn(*a, **kw):
+            return hooks.loss(original_loss(*a, **kw))
+
+        patcher.replace(run_train, "get_loss_fn", get_loss_fn)
+
+
+def _patch_unhooked_seams(patcher: _Patcher, run_train: ModuleType, hooks: FineTuneHooks) -> None:
+    """What the plugin hook does not cover: the validation-line suffix, and moments through data and metrics."""
+    train_module = sys.modules["mace.tools.train"]
     original_log = train_module.valid_err_log
 
     def valid_err_log(valid_loss, eval_metrics, logger, log_errors, epoch=None, valid_loader_name="Default"):
@@ -263,26 +286,19 @@ def run_patches(run_train: ModuleType, hooks: FineTuneHooks) -> Iterator[FineTun
         finally:
             root.removeFilter(flt)
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_replaced(run_train, "configure_model", configure_model))
-        stack.enter_context(_replaced(run_train, "get_params_options", get_params_options))
-        stack.enter_context(_replaced(run_train, "get_optimizer", get_optimizer))
-        stack.enter_context(_replaced(run_train, "get_swa", get_swa))
-        stack.enter_context(_replaced(run_train, "deepcopy", deepcopy))
-        stack.enter_context(_replaced(train_module, "valid_err_log", valid_err_log))
-        if hooks.magnetic is not None:
-            _enter_magnetic_patches(stack, run_train, train_module, data_utils, hooks)
-        yield hooks
+    patcher.replace(train_module, "valid_err_log", valid_err_log)
+    if hooks.magnetic is not None:
+        _patch_magnetic_data_and_metrics(patcher, run_train, train_module, hooks)
 
 
-def _enter_magnetic_patches(
-    stack: contextlib.ExitStack, run_train: ModuleType, train_module: ModuleType, data_utils: ModuleType,
-    hooks: FineTuneHooks,
+def _patch_magnetic_data_and_metrics(
+    patcher: _Patcher, run_train: ModuleType, train_module: ModuleType, hooks: FineTuneHooks
 ) -> None:
-    """Moments through MACE's data, loss, metrics and error tables (names looked up at call time)."""
+    """Moments through MACE's data, metrics and error tables (names looked up at call time)."""
     from ..magnetism.data import MAGMOMS, wrap_config_from_atoms
     from ..magnetism.metrics import add_moment_columns, magnetic_metric_class
 
+    data_utils = sys.modules["mace.data.utils"]
     magnetic = hooks.magnetic
     original_keyspec = run_train.update_keyspec_from_kwargs
 
@@ -290,11 +306,6 @@ def _enter_magnetic_patches(
         result = original_keyspec(keyspec, keydict)
         keyspec.update(arrays_keys={MAGMOMS: keydict.get("magmoms_key") or magnetic.key})
         return result
-
-    original_loss = run_train.get_loss_fn
-
-    def get_loss_fn(*a, **kw):
-        return hooks.loss(original_loss(*a, **kw))
 
     original_table = run_train.create_error_table
     tables_module = sys.modules[original_table.__module__]
@@ -312,11 +323,28 @@ def _enter_magnetic_patches(
             table = original_table(*a, **kw)
         return add_moment_columns(table, seen)
 
-    stack.enter_context(_replaced(run_train, "update_keyspec_from_kwargs", update_keyspec_from_kwargs))
-    stack.enter_context(_replaced(data_utils, "config_from_atoms", wrap_config_from_atoms(data_utils.config_from_atoms)))
-    stack.enter_context(_replaced(run_train, "get_loss_fn", get_loss_fn))
-    stack.enter_context(_replaced(train_module, "MACELoss", magnetic_metric_class(train_module.MACELoss, magnetic.signed)))
-    stack.enter_context(_replaced(run_train, "create_error_table", create_error_table))
+    patcher.replace(run_train, "update_keyspec_from_kwargs", update_keyspec_from_kwargs)
+    patcher.replace(data_utils, "config_from_atoms", wrap_config_from_atoms(data_utils.config_from_atoms))
+    patcher.replace(train_module, "MACELoss", magnetic_metric_class(train_module.MACELoss, magnetic.signed))
+    patcher.replace(run_train, "create_error_table", create_error_table)
+
+
+@contextlib.contextmanager
+def run_patches(run_train: ModuleType, hooks: FineTuneHooks, hooked: bool = False) -> Iterator[FineTuneHooks]:
+    """Wire ``hooks`` into ``run_train`` (and MACE's train loop and data code) for one run; restores on exit.
+
+    ``hooked``: MACE calls ``hooks`` through its plugin hook (:mod:`.mace_plugin`), so only the seams the hook
+    lacks are patched here; otherwise every seam is. Either way the same ``hooks`` object serves the run, and
+    ``hooks.wiring`` records which names were replaced (logged once the run's logger exists).
+    """
+    with contextlib.ExitStack() as stack:
+        patcher = _Patcher(stack)
+        if not hooked:
+            _patch_hooked_seams(patcher, run_train, hooks)
+        _patch_unhooked_seams(patcher, run_train, hooks)
+        via = f"MACE plugin hook (mace.tools.plugins, API {HOOK_API_VERSION})" if hooked else "runtime patches only"
+        hooks.wiring = f"{via}; runtime patches: {', '.join(patcher.names)}"
+        yield hooks
 
 
 @contextlib.contextmanager
@@ -336,6 +364,89 @@ def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -
     hooks.configure_model = configure_model  # type: ignore[method-assign]
     with run_patches(run_train, hooks):
         yield state
+
+
+# ------------------------------------------------------------------------------- choosing hook or patches
+
+#: The version of MACE's plugin hook API (``mace.tools.plugins.HOOK_API_VERSION``) this package implements.
+HOOK_API_VERSION = 1
+
+HOOK = "hook"
+RUNTIME = "runtime"
+
+
+class _Wiring:
+    """Process-wide choice between MACE's plugin hook and the runtime patches, and the hooked run in progress."""
+
+    mode: Optional[str] = None  # None until install() has decided
+    run_args_id: Optional[int] = None
+    run_stack: Optional[contextlib.ExitStack] = None
+
+
+def upstream_hook() -> Optional[ModuleType]:
+    """``mace.tools.plugins`` when MACE carries the plugin hook *and* will call this package through it.
+
+    Both are needed: a patched MACE without this package's ``mace.plugins`` entry point (an install from an
+    older checkout) would never call the plugin, and an unpatched MACE ignores the entry point.
+    """
+    try:
+        from mace.tools import plugins
+    except ImportError:
+        return None
+    if getattr(plugins, "HOOK_API_VERSION", 0) < HOOK_API_VERSION:
+        return None
+    from .mace_plugin import MaceSparsePlugin
+
+    try:
+        loaded = plugins.load_plugins()
+    except Exception:  # noqa: BLE001  (a broken plugin machinery: patch at run time instead)
+        return None
+    return plugins if any(isinstance(p, MaceSparsePlugin) for p in loaded) else None
+
+
+def wiring_mode() -> Optional[str]:
+    """``"hook"`` or ``"runtime"`` once :func:`install` has run in this process, else ``None``."""
+    return _Wiring.mode
+
+
+def plugin_enabled() -> bool:
+    """Whether the ``mace.plugins`` entry point should act when MACE calls it.
+
+    After :func:`install` chose the hook: yes (also under ``MACE_SPARSE_DISABLE=1`` when ``mace_sparse_train``
+    installed explicitly). After it chose the runtime patches: no, they already do the work. Before any
+    install: unless ``MACE_SPARSE_DISABLE`` is set, the switch that also turns the start-up hook off.
+    """
+    if _Wiring.mode is not None:
+        return _Wiring.mode == HOOK
+    from .._bootstrap import disabled
+
+    return not disabled()
+
+
+def start_hooked_run(args: Any) -> Optional[FineTuneHooks]:
+    """Validate the flags and open the run's remaining runtime patches; the run's hooks, or ``None`` if inactive.
+
+    Called by the plugin from MACE's ``run()``. The patches are closed when ``run()`` returns (the wrapper of
+    :func:`install`), or at the latest when the next run starts.
+    """
+    hooks = validate_run_args(args)
+    if not hooks.active:
+        return None
+    if _Wiring.run_stack is not None and _Wiring.run_args_id == id(args):
+        logging.getLogger(__name__).warning("mace-sparse plugin asked twice for the same run; the second ignored")
+        return None
+    end_hooked_run()
+    stack = contextlib.ExitStack()
+    stack.enter_context(run_patches(sys.modules["mace.cli.run_train"], hooks, hooked=True))
+    _Wiring.run_stack, _Wiring.run_args_id = stack, id(args)
+    return hooks
+
+
+def end_hooked_run() -> None:
+    """Remove the runtime patches of the hooked run in progress, if any."""
+    stack, _Wiring.run_stack, _Wiring.run_args_id = _Wiring.run_stack, None, None
+    if stack is not None:
+        stack.close()
 
 
 # ------------------------------------------------------------------------------------------ entry patches
@@ -359,10 +470,27 @@ def _patched_run(run_train: ModuleType) -> Callable:
     return run
 
 
+def _scoped_run(run_train: ModuleType) -> Callable:
+    original_run = getattr(run_train, _ORIGINAL + "_run")
+
+    def run(args) -> None:
+        """MACE's ``run``; the plugin hook drives mace-sparse, this only removes its leftover patches after."""
+        try:
+            return original_run(args)
+        finally:
+            end_hooked_run()
+
+    run.__doc__ = (original_run.__doc__ or "") + "\n(mace-sparse: via the mace.plugins hook)"
+    return run
+
+
 def install(run_train: Optional[ModuleType] = None) -> None:
-    """Install the entry patches into ``mace.cli.run_train`` (idempotent).
+    """Activate mace-sparse in ``mace.cli.run_train`` (idempotent).
 
     Called by the import hook when ``mace_run_train`` imports its module, and by ``mace_sparse_train``.
+    Where MACE carries the plugin hook (:func:`upstream_hook`), the hook adds the flags, validates and calls
+    :class:`FineTuneHooks`; ``run`` is only wrapped to remove the remaining runtime patches when it returns.
+    Otherwise MACE's parser is wrapped to add the flags and ``run`` to validate and patch every seam.
     """
     import mace.tools
 
@@ -371,6 +499,11 @@ def install(run_train: Optional[ModuleType] = None) -> None:
     if getattr(run_train, _ORIGINAL + "_run", None) is not None:
         return
     setattr(run_train, _ORIGINAL + "_run", run_train.run)
+    if upstream_hook() is not None:
+        _Wiring.mode = HOOK
+        run_train.run = _scoped_run(run_train)
+        return
+    _Wiring.mode = RUNTIME
     original_parser = mace.tools.build_default_arg_parser
 
     def build_default_arg_parser():

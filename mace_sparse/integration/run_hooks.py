@@ -31,6 +31,8 @@ class FineTuneHooks:
         self.magnetic = magnetic if magnetic is not None and magnetic.enabled else None
         self.model: Optional[torch.nn.Module] = None
         self.saved_stems: List[str] = []
+        #: how the caller wired these hooks into MACE (set by the caller, logged with the model set-up)
+        self.wiring: Optional[str] = None
 
     @property
     def active(self) -> bool:
@@ -41,6 +43,11 @@ class FineTuneHooks:
         """Attach the moment head (fully trainable) and/or reparameterise the backbone, in place."""
         from ..magnetism.head import HEAD_NAME, attach_magnetic_head
 
+        if self.model is not None:
+            # two callers wired into one run (plugin hook and runtime patch) would reparameterise twice
+            raise RuntimeError("mace-sparse: configure_model called twice in one run (hook and patch both active?)")
+        if self.wiring is not None:
+            logging.info(f"mace-sparse wiring: {self.wiring}")
         if self.magnetic is not None:
             head = attach_magnetic_head(model, self.magnetic)
             logging.info("===========MAGNETIC-MOMENT HEAD===========")
