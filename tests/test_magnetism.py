@@ -119,7 +119,7 @@ def test_loss_ignores_atoms_of_frames_without_moments_and_compares_magnitudes():
 @pytest.mark.parametrize(
     "kwargs, text",
     [({"weight": -1.0}, "--magmom_weight"), ({"weight": 1.0, "loss": "l1"}, "--magmom_loss"),
-     ({"weight": 1.0, "huber_delta": 0.0}, "--magmom_huber_delta"), ({"key": ""}, "--magmoms_key")],
+     ({"weight": 1.0, "huber_delta": 0.0}, "--magmom_huber_delta"), ({"key": ""}, "--magmoms_key"), ({"key": "magmoms"}, "rename the column")],
 )
 def test_bad_magnetic_settings_are_named(kwargs, text):
     with pytest.raises(MagneticConfigError, match=text):

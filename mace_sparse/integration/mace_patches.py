@@ -251,9 +251,8 @@ def _patch_hooked_seams(patcher: _Patcher, run_train: ModuleType, hooks: FineTun
     original_swa = run_train.get_swa
 
     def get_swa(a, model, optimizer, *rest, **kw):
-        result = original_swa(a, model, optimizer, *rest, **kw)
-        hooks.swa(optimizer)
-        return result
+        swa, swas = original_swa(a, model, optimizer, *rest, **kw)
+        return hooks.swa(swa, optimizer), swas
 
     def deepcopy(obj, memo=None):
         return hooks.before_save(obj, copy.deepcopy(obj, memo))

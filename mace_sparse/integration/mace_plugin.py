@@ -35,8 +35,7 @@ class MaceSparseRun:
         return self.hooks.optimizer(optimizer)
 
     def swa(self, swa: Any, optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> Any:
-        self.hooks.swa(optimizer)
-        return swa
+        return self.hooks.swa(swa, optimizer)
 
     def wrap_loss(self, loss_fn: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
         return self.hooks.loss(loss_fn)

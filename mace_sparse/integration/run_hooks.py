@@ -90,17 +90,24 @@ class FineTuneHooks:
 
         return optim.register_threshold_decay(optimizer)
 
-    def swa(self, optimizer: torch.optim.Optimizer) -> None:
+    def swa(self, swa: Any, optimizer: torch.optim.Optimizer) -> Any:
+        """Stage two (``--swa``): keep the threshold lr ratio under SWALR, and keep the moment term in the
+        stage-two loss MACE builds afresh (it would otherwise stop training the head)."""
         if self.sparse is not None:
             from .. import optim
 
             optim.keep_threshold_lr_ratio_in_swa(optimizer, self.args.lr)
+        if swa is not None and self.magnetic is not None and hasattr(swa, "loss_fn"):
+            swa.loss_fn = self.loss(swa.loss_fn)
+        return swa
 
     def loss(self, loss_fn: torch.nn.Module) -> torch.nn.Module:
         if self.magnetic is None:
             return loss_fn
         from ..magnetism.loss import MagneticLoss
 
+        if isinstance(loss_fn, MagneticLoss):
+            return loss_fn
         return MagneticLoss(loss_fn, self.magnetic)
 
     # -------------------------------------------------------------------------------------------- save
