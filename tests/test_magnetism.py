@@ -251,3 +251,18 @@ def test_bad_moment_labels_stop_with_one_line_and_write_nothing(tmp_path, oxide_
     assert last.startswith("mace_run_train: error:") and message in last, proc.stderr[-2000:]
     assert not any((tmp_path / d).exists() for d in ("logs", "checkpoints", "results"))
     assert not list(tmp_path.glob("*.model"))
+
+
+def test_stage_two_loss_keeps_the_moment_term():
+    """MACE builds a fresh loss for stage two (--swa); without the hook the head would stop learning there."""
+    from types import SimpleNamespace
+
+    from mace_sparse.integration.run_hooks import FineTuneHooks
+
+    hooks = FineTuneHooks(SimpleNamespace(lr=0.01, name="x", model_dir="."), None, MagneticConfig(weight=3.0))
+    container = SimpleNamespace(loss_fn=_Zero())
+    assert hooks.swa(container, optimizer=None) is container
+    assert isinstance(container.loss_fn, MagneticLoss) and container.loss_fn.config.weight == 3.0
+    hooks.swa(container, optimizer=None)
+    assert isinstance(container.loss_fn.base, _Zero)  # not wrapped twice
+    assert hooks.swa(None, optimizer=None) is None
