@@ -238,3 +238,24 @@ def test_ddp_loses_device_ids_and_everything_is_restored(monkeypatch):
         assert mace.tools.train is train  # the digest wrapper only with MACE_SPARSE_RANK_DIGEST set
     assert wrapped == [("model", {"find_unused_parameters": True})]
     assert vars(fake_run_train) == originals
+
+
+def test_magnetic_head_distributed(oxide_foundation, oxide_frames, tmp_path_factory):
+    """sparse_str with the moment head under 2 ranks: identical weights (head included), both model files."""
+    import ase.io
+
+    from mace_sparse.magnetism.model import MagneticMACE
+
+    frames = [a.copy() for a in oxide_frames[:12]]
+    del frames[5].arrays["REF_magmoms"]  # a frame without moments shares the batches
+    train = tmp_path_factory.mktemp("oxide-data") / "train.xyz"
+    ase.io.write(train, frames)
+    work = distributed_run("magnetic", ["--max_num_epochs", "1", "--finetune-method", "sparse_str",
+                                        "--magmom_weight", "10"], oxide_foundation, train, tmp_path_factory)
+    rank0, rank1 = rank_digests(work)
+    assert rank0["tensors"] == rank1["tensors"]
+    assert any(k.startswith("magnetic_head.") for k in rank0["tensors"])
+    assert isinstance(torch.load(work / "ft_magnetic.model", weights_only=False), MagneticMACE)
+    plain = torch.load(work / "ft.model", weights_only=False)
+    assert not any(k.startswith("magnetic_head") for k in plain.state_dict())
+    assert renamed_by_rank(work).get("rank0", []).count("ft_magnetic.model") == 1
