@@ -126,3 +126,21 @@ def oxide_frames():
     import ase.io
 
     return ase.io.read(OXIDE_FILE, ":")
+
+
+@pytest.fixture(scope="session")
+def oxide_foundation(tmp_path_factory, oxide_frames):
+    """A tiny MACE pretrained (energies and forces only, never moments) on the oxide cells."""
+    import ase.io
+
+    work = tmp_path_factory.mktemp("oxide_foundation")
+    frames = [a.copy() for a in oxide_frames[:16]]
+    for a in frames:
+        a.arrays.pop("REF_magmoms", None)
+    ase.io.write(work / "pre.xyz", frames)
+    run_mace_train(
+        ["--name", "foundation", "--train_file", work / "pre.xyz", "--valid_fraction", "0.2", "--E0s", "average",
+         "--max_num_epochs", "4", "--lr", "0.01", "--seed", "3", "--plot", "False", *FOUNDATION_ARGS, *COMMON_ARGS],
+        cwd=work, env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    return work / "foundation.model"

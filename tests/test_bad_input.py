@@ -150,12 +150,15 @@ def _parser():
 BASE = ["--name", "t", "--train_file", "x.xyz"]
 
 
-def test_validator_accepts_good_input_and_rejects_more_values(tmp_path):
+def test_validator_accepts_good_input_and_rejects_more_values(tiny_foundation, tmp_path, monkeypatch):
     """The same checks in-process: good input passes (nothing checked for plain MACE runs), more bad values fail."""
+    import shutil
+
     from mace_sparse.integration.mace_patches import validate_sparse_args
 
+    monkeypatch.chdir(tmp_path)  # the output-dir checks probe the work dir (and leave nothing there)
     model = tmp_path / "f.model"
-    model.write_bytes(b"")
+    shutil.copy(tiny_foundation, model)  # the foundation must now be a loadable MACE model
     parser = _parser()
     assert validate_sparse_args(parser.parse_args(BASE + ["--sparse_targets", "foo"])) is None  # not sparse_str
     sparse = BASE + ["--finetune_method", "sparse_str", "--foundation_model", str(model)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+from pathlib import Path
 import subprocess
 
 import mace  # noqa: F401  (before e3nn)
@@ -298,6 +299,47 @@ def test_truncated_file_is_refused(sparse_case, keep, tmp_path, capsys):
     rc, _, err = run_cli(["revert", "--model", tmp_path / "missing-is-never-read.model", "--delta", path,
                           "-o", out_file], capsys)
     assert rc == 2 and err.count("\n") == 1 and "truncated" in err
+    assert not out_file.exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc", "a_directory"])
+def test_unwritable_output_is_refused_before_the_model_is_loaded(sparse_case, tmp_path, capsys, where):
+    """``-o`` is checked first (as root, mode bits do not stop a write: a path below a file, /proc, a folder)."""
+    path = sparse_case[3]
+    (tmp_path / "file").write_text("a regular file\n")
+    (tmp_path / "folder").mkdir()
+    output, reason = {
+        "under_a_file": (tmp_path / "file" / "sub" / "ft.model", f"{tmp_path / 'file'} is a file, not a directory"),
+        "proc": (Path("/proc/mace_sparse_out/ft.model"), "cannot create files in /proc (No such file or directory)"),
+        "a_directory": (tmp_path / "folder", "it is a directory"),
+    }[where]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    # the foundation path does not exist: reaching the model load would be a different error
+    rc, _, err = run_cli(["apply", "--foundation", tmp_path / "never-read.model", "--delta", path, "-o", output],
+                         capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"mace_sparse apply: error: cannot write {output}: {reason}; "), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no folder, no temp file
+
+
+def test_save_delta_to_an_unwritable_path_raises_one_clear_error(sparse_case, tmp_path):
+    from mace_sparse.artifacts.atomic import OutputPathError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match=r"is a file, not a directory; choose an output path in a writable"):
+        save_delta(sparse_case[1], tmp_path / "file" / "d.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ft_sparse_delta.safetensors"]
+
+
+def test_foundation_file_that_is_not_a_model_is_refused_in_one_line(sparse_case, tmp_path, capsys):
+    path = sparse_case[3]
+    text = tmp_path / "notes.model"
+    text.write_text("not a model\n")
+    out_file = tmp_path / "out.model"
+    rc, _, err = run_cli(["apply", "--foundation", text, "--delta", path, "-o", out_file], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"mace_sparse apply: error: {text} is not a MACE model (cannot load it: ")
+    assert err.rstrip().endswith("give a .model file saved by mace_run_train (torch.save of the whole model)")
     assert not out_file.exists()
 
 

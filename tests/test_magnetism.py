@@ -37,22 +37,6 @@ def oxide_files(tmp_path_factory, oxide_frames):
     return {"train": work / "train.xyz", "test": work / "test.xyz", "dir": work}
 
 
-@pytest.fixture(scope="module")
-def oxide_foundation(tmp_path_factory, oxide_frames):
-    """A tiny MACE pretrained (energies and forces only, never moments) on the oxide cells."""
-    work = tmp_path_factory.mktemp("oxide_foundation")
-    frames = [a.copy() for a in oxide_frames[:16]]
-    for a in frames:
-        a.arrays.pop("REF_magmoms", None)
-    ase.io.write(work / "pre.xyz", frames)
-    run_mace_train(
-        ["--name", "foundation", "--train_file", work / "pre.xyz", "--valid_fraction", "0.2", "--E0s", "average",
-         "--max_num_epochs", "4", "--lr", "0.01", "--seed", "3", "--plot", "False", *FOUNDATION_ARGS, *COMMON_ARGS],
-        cwd=work, env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    return work / "foundation.model"
-
-
 def _rotation(seed: int, reflect: bool) -> np.ndarray:
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
     if np.linalg.det(q) < 0:
@@ -119,7 +103,7 @@ def test_loss_ignores_atoms_of_frames_without_moments_and_compares_magnitudes():
 @pytest.mark.parametrize(
     "kwargs, text",
     [({"weight": -1.0}, "--magmom_weight"), ({"weight": 1.0, "loss": "l1"}, "--magmom_loss"),
-     ({"weight": 1.0, "huber_delta": 0.0}, "--magmom_huber_delta"), ({"key": ""}, "--magmoms_key")],
+     ({"weight": 1.0, "huber_delta": 0.0}, "--magmom_huber_delta"), ({"key": ""}, "--magmoms_key"), ({"key": "magmoms"}, "rename the column")],
 )
 def test_bad_magnetic_settings_are_named(kwargs, text):
     with pytest.raises(MagneticConfigError, match=text):
@@ -251,3 +235,18 @@ def test_bad_moment_labels_stop_with_one_line_and_write_nothing(tmp_path, oxide_
     assert last.startswith("mace_run_train: error:") and message in last, proc.stderr[-2000:]
     assert not any((tmp_path / d).exists() for d in ("logs", "checkpoints", "results"))
     assert not list(tmp_path.glob("*.model"))
+
+
+def test_stage_two_loss_keeps_the_moment_term():
+    """MACE builds a fresh loss for stage two (--swa); without the hook the head would stop learning there."""
+    from types import SimpleNamespace
+
+    from mace_sparse.integration.run_hooks import FineTuneHooks
+
+    hooks = FineTuneHooks(SimpleNamespace(lr=0.01, name="x", model_dir="."), None, MagneticConfig(weight=3.0))
+    container = SimpleNamespace(loss_fn=_Zero())
+    assert hooks.swa(container, optimizer=None) is container
+    assert isinstance(container.loss_fn, MagneticLoss) and container.loss_fn.config.weight == 3.0
+    hooks.swa(container, optimizer=None)
+    assert isinstance(container.loss_fn.base, _Zero)  # not wrapped twice
+    assert hooks.swa(None, optimizer=None) is None

@@ -24,20 +24,39 @@ def import_mace_quietly() -> None:
         import mace.modules  # noqa: F401
 
 
+#: What a MACE model has that ``mace_run_train`` reads from a foundation before anything else.
+MACE_MODEL_ATTRIBUTES = ("atomic_numbers", "r_max", "interactions")
+
+#: The fix named in every "not a model" message.
+MODEL_FIX = "give a .model file saved by mace_run_train (torch.save of the whole model)"
+
+
 def load_model(path: PathLike) -> torch.nn.Module:
-    """A full MACE model saved with ``torch.save`` (a pickle: only load files you trust)."""
+    """A full MACE model saved with ``torch.save`` (a pickle: only load files you trust).
+
+    Anything else (a text file, a pickled dict, a bare tensor, a state dict) is refused with one
+    :class:`ValueError` line naming the file, what it holds and the fix, so that neither the CLI nor
+    ``mace_run_train`` gets as far as an ``AttributeError`` deep inside MACE.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+        raise FileNotFoundError(f"no such model file: {path}; {MODEL_FIX}")
     import_mace_quietly()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001  (any unpickling failure means "not a model file")
-        raise ValueError(f"cannot load {path} as a MACE model: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise ValueError(
+            f"{path} is not a MACE model (cannot load it: {type(exc).__name__}: {_one_line(exc)}); {MODEL_FIX}"
+        ) from exc
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"{path} holds a {type(model).__name__}, not a MACE model (torch.nn.Module)")
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a MACE model; {MODEL_FIX}")
+    missing = [name for name in MACE_MODEL_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise ValueError(
+            f"{path} holds a {type(model).__name__} without {', '.join(missing)}, not a MACE model; {MODEL_FIX}"
+        )
     return model
 
 
@@ -47,4 +66,4 @@ def save_model(model: torch.nn.Module, path: PathLike) -> Path:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    return " ".join(str(exc).split())[:200]

@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -49,10 +51,13 @@ def pretrain_foundation(work_dir: Path, epochs: int = 30) -> Path:
     flags = list(FOUNDATION_FLAGS)
     flags[flags.index("--max_num_epochs") + 1] = str(epochs)
     work_dir.mkdir(parents=True, exist_ok=True)
+    logging.info(f"calibrate: pretraining the stand-in foundation ({epochs} epochs) in {work_dir}")
+    started = time.perf_counter()
     cmd = [_mace_run_train(), "--name", "foundation", "--train_file", str(DATA_DIR / "bulk_train.xyz"),
            "--valid_fraction", "0.15", *flags, *COMMON_FLAGS]
     subprocess.run(cmd, cwd=work_dir, check=True, capture_output=True, env={**__import__("os").environ,
                                                                               "MACE_SPARSE_DISABLE": "1"})
+    logging.info(f"calibrate: foundation ready after {time.perf_counter() - started:.0f} s")
     return work_dir / "foundation.model"
 
 
@@ -85,8 +90,11 @@ def force_mae(model, loader) -> float:
     return 1000.0 * float(torch.cat(errors).mean())
 
 
-def fine_tune(foundation, settings: Optional[dict], seed: int, epochs: int, lr: float = 0.01):
-    """One fine-tune as ``mace_run_train`` does it (loss weights 1/100, Adam amsgrad, clip 10, ExponentialLR)."""
+def fine_tune(foundation, settings: Optional[dict], seed: int, epochs: int, lr: float = 0.01, label: str = ""):
+    """One fine-tune as ``mace_run_train`` does it (loss weights 1/100, Adam amsgrad, clip 10, ExponentialLR).
+
+    Logs one line per epoch (mean training loss), as ``mace_run_train`` does: a sweep runs for many minutes.
+    """
     import torch
     from mace import modules
 
@@ -110,14 +118,21 @@ def fine_tune(foundation, settings: Optional[dict], seed: int, epochs: int, lr: 
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9993)
     loss_fn = modules.WeightedEnergyForcesLoss(energy_weight=1.0, forces_weight=100.0)
     train = _loader(DATA_DIR / "slab_train.xyz", model, 4, True, seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        started, total, batches = time.perf_counter(), 0.0, 0
         for batch in train:
             optimizer.zero_grad(set_to_none=True)
             out = model(batch.to_dict(), training=True, compute_force=True)
-            loss_fn(pred=out, ref=batch).backward()
+            loss = loss_fn(pred=out, ref=batch)
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
             optimizer.step()
+            total, batches = total + float(loss.detach()), batches + 1
         scheduler.step()
+        logging.info(
+            f"calibrate [{label or 'run'}, seed {seed}] epoch {epoch + 1}/{epochs}: "
+            f"train loss={total / max(batches, 1):.4f}, {time.perf_counter() - started:.1f} s"
+        )
     unchanged = sparsity_stats(model).total_sparsity if config is not None else None
     return model, unchanged
 
@@ -127,8 +142,9 @@ def run_calibration(
     seeds: Sequence[int] = (0, 1, 2),
     epochs: int = 20,
     variants: Sequence = DEFAULT_VARIANTS,
-    progress=print,
+    progress=None,
 ) -> Dict:
+    """Run every variant for every seed; ``progress`` gets one JSON line per finished run (default: the log)."""
     import mace  # noqa: F401
     import torch
 
@@ -140,9 +156,12 @@ def run_calibration(
     source_test = _loader(DATA_DIR / "bulk_test.xyz", foundation, 8, False, 0)
     zero_shot = {"target": force_mae(foundation, target_test), "source": force_mae(foundation, source_test)}
     results: List[RunResult] = []
+    progress = progress or (lambda line: logging.info(f"calibrate: finished {line}"))
+    total = len(variants) * len(seeds)
     for label, settings in variants:
         for seed in seeds:
-            model, unchanged = fine_tune(foundation, settings, seed, epochs)
+            logging.info(f"calibrate: run {len(results) + 1}/{total}: {label}, seed {seed}, {epochs} epochs")
+            model, unchanged = fine_tune(foundation, settings, seed, epochs, label=label)
             result = RunResult(label, seed, force_mae(model, target_test), force_mae(model, source_test), unchanged)
             results.append(result)
             progress(json.dumps(dataclasses.asdict(result)))

@@ -438,8 +438,12 @@ def time_interleaved(
     rounds: int,
     steps: int,
     device: torch.device,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, Tuple[List[List[float]], List[List[float]]]]:
     """Per method, per round, the wall and process-CPU time (ms) of each step; the order rotates every round.
+
+    ``log`` gets one line per round (the median step of each method so far), like MACE's per-epoch lines, so
+    a long benchmark on a large model shows that it advances.
 
     CPU time is recorded next to wall time because on a shared machine the wall clock also counts the time
     other processes held the core; the process's own CPU time does not (it still feels cache and memory
@@ -459,6 +463,11 @@ def time_interleaved(
                 cpu.append(1e3 * (time.process_time() - start_cpu))
             times[state.name][0].append(wall)
             times[state.name][1].append(cpu)
+        if log is not None:
+            medians = ", ".join(
+                f"{s.name}={statistics.median(t for block in times[s.name][0] for t in block):.1f} ms" for s in states
+            )
+            log(f"round {r + 1}/{rounds}: median step {medians}")
     return times
 
 
@@ -775,7 +784,7 @@ def _run(cfg: BenchConfig, methods: List[str], device: torch.device, threads: in
         for _ in range(cfg.warmup):
             step(state)
     log(f"timing {len(states)} methods: {cfg.rounds} interleaved rounds x {cfg.steps} steps (after {cfg.warmup} warm-up)")
-    times = time_interleaved(states, step, cfg.rounds, cfg.steps, device)
+    times = time_interleaved(states, step, cfg.rounds, cfg.steps, device, log=log)
 
     results: Dict[str, MethodResult] = {}
     ref_rounds = [statistics.median(block) for block in times[REFERENCE][0]]

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "bench-step": "mace_sparse.cli.bench_step",
     "predict": "mace_sparse.cli.predict",
     "bench": "mace_sparse.cli.bench",
+    "bench-magnetic": "mace_sparse.cli.bench_magnetic",
 }
 
 
@@ -43,9 +44,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.command])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        sys.stderr.write(f"mace_sparse {args.command}: error: {exc}\n")
+    except (ValueError, OSError) as exc:
+        # bad input (ValueError: bad file, mismatched delta, unwritable output) and the OS's refusals that no
+        # pre-check could foresee (disk full, a race): one line on stderr, exit status 2, no traceback
+        sys.stderr.write(f"mace_sparse {args.command}: error: {_one_line(exc)}\n")
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line; an ``OSError`` without a readable message gets its type and errno text."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror and exc.filename and exc.strerror not in text:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     from ..artifacts.delta_file import apply_delta, load_delta
+    from ..artifacts.atomic import check_writable_file
     from ..artifacts.model_io import load_model, save_model
 
+    check_writable_file(args.output)  # before any slow step: an impossible -o fails at once
     delta = load_delta(args.delta)  # checked before the (slower) model load
     model = apply_delta(load_model(args.foundation), delta, inplace=True)
     save_model(model, args.output)

@@ -113,4 +113,9 @@ def _benchmark(args: argparse.Namespace) -> Any:
         profile=args.profile,
         seed=args.seed,
     )
-    return run_benchmark(cfg, log=lambda msg: print(f"[bench-step] {msg}", file=sys.stderr, flush=True))
+    import logging
+
+    from .progress import setup_progress_logging
+
+    setup_progress_logging()
+    return run_benchmark(cfg, log=lambda msg: logging.info(f"bench-step: {msg}"))

@@ -21,6 +21,9 @@ def add_parser(subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..benchmarks.calibration import markdown_table, run_calibration
 
+    from .progress import setup_progress_logging
+
+    setup_progress_logging()  # per-epoch lines on stderr; stdout keeps the table
     seeds, epochs = (args.seeds, args.epochs) if not args.quick else ([0], 5)
     report = run_calibration(args.foundation_model, seeds=seeds, epochs=epochs)
     table = markdown_table(report)

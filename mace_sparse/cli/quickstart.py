@@ -41,11 +41,23 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--foundation_epochs", type=int, default=30, help="pretraining epochs of the stand-in foundation")
 
 
+#: MACE log lines echoed to stderr while a step runs (the full output goes to ``command.log``): the per-epoch
+#: validation lines and errors, which is what a ``mace_run_train`` user watches.
+_ECHO = (" INFO: Epoch ", " ERROR: ", "Saved sparse delta", "mace_run_train: error:")
+
+
 def _run(cmd: List[str], cwd: Path) -> None:
     print("$ " + " ".join(cmd), flush=True)
     log = cwd / "command.log"
     with open(log, "a") as fh:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            if any(marker in line for marker in _ECHO):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        proc.wait()
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
         raise RuntimeError(f"command failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))

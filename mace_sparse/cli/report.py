@@ -32,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from ..artifacts.fingerprint import model_fingerprint
     from ..artifacts.report import add_relative_change, format_report, report_data
 
+    if args.plot:
+        from ..artifacts.atomic import OutputPathError, unwritable_reason
+
+        reason = unwritable_reason(args.plot)
+        if reason is not None:
+            raise OutputPathError(f"cannot write plots into {args.plot}: {reason}; choose a writable --plot DIR")
     delta = load_delta(args.delta)
     data = report_data(delta)
     if args.foundation:

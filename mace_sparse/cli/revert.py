@@ -27,8 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     from ..artifacts.delta_file import load_delta, revert_delta
+    from ..artifacts.atomic import check_writable_file
     from ..artifacts.model_io import load_model, save_model
 
+    check_writable_file(args.output)  # before any slow step: an impossible -o fails at once
     delta = load_delta(args.delta)
     model = revert_delta(load_model(args.model), delta, inplace=True)
     save_model(model, args.output)

@@ -1,26 +1,59 @@
 """Every patch this package applies to MACE, in one place, each tied to the MACE release it was written for.
 
-``mace_run_train`` has no plugin mechanism (see ``patches/`` for the hook we propose upstream), so the package
-replaces a few names that ``mace.cli.run_train.run`` looks up at call time. Two kinds of patch:
+MACE as released has no plugin mechanism, so the package replaces a few names that ``mace.cli.run_train.run``
+looks up at call time. Where MACE carries the plugin hook proposed in
+``patches/mace-torch-0.3.16-plugin-hooks.patch`` (``mace.tools.plugins``) *and* this package's ``mace.plugins``
+entry point is installed, :func:`install` leaves the seams the hook offers to the hook
+(:mod:`.mace_plugin`) and patches only the rest. Both paths drive one :class:`FineTuneHooks` object per run.
 
-* **entry patches**, installed when ``mace.cli.run_train`` is imported (:func:`install`): MACE's argument
-  parser gains the sparse flags, and ``run`` is wrapped so that it validates them before anything is written.
-  Without a sparse flag the wrapped ``run`` calls MACE's own ``run`` with the same arguments: behaviour is
-  unchanged.
-* **run patches**, active only while a ``--finetune-method sparse_str`` run executes
-  (:func:`sparse_run_patches`), then removed again:
+* **entry patches**, installed when ``mace.cli.run_train`` is imported (:func:`install`). Without the hook:
+  MACE's argument parser gains the flags, and ``run`` is wrapped so that it validates them before anything is
+  written (without a flag it calls MACE's own ``run`` with the same arguments: behaviour is unchanged). With
+  the hook: ``run`` is only wrapped to remove the run's remaining patches when it returns.
+* **run patches**, active only while a sparse_str or moment-head run executes (:func:`run_patches`):
+
+  ================================  ========  ====================================================
+  name in MACE                      hook      what the patch adds
+  ================================  ========  ====================================================
+  ``run_train.configure_model``     replaces  reparameterise the configured foundation; attach head
+  ``run_train.get_params_options``  replaces  threshold scores / head in their own groups
+  ``run_train.get_optimizer``       replaces  decoupled λ_τ weight decay as an optimizer step pre-hook
+  ``run_train.get_swa``             replaces  threshold group keeps its lr ratio under SWALR (stage two)
+  ``run_train.deepcopy``            replaces  the save-time copy is merged into a plain MACE model; the
+                                              delta file and ``<name>_sparsity.json`` are written
+  ``run_train.get_loss_fn``         replaces  moment term in the loss (moment head only)
+  ``tools.train.valid_err_log``     stays     validation lines also report sparsity, mean δ, moments
+  ``run_train.update_keyspec_…``,   stays     moments through MACE's data, metrics and error tables
+  ``data.utils.config_from_atoms``,           (moment head only)
+  ``tools.train.MACELoss``,
+  ``run_train.create_error_table``
+  ================================  ========  ====================================================
+
+Each run logs one ``mace-sparse wiring:`` line naming the path taken and the names it replaced.
+
+* **distributed-on-CPU patches**, active while a ``--distributed`` run with ``--device cpu`` executes, for any
+  fine-tuning method (plain training included), since they lift a MACE limitation rather than add a feature
+  (:func:`cpu_distributed_patches`). MACE 0.3.16 creates a process group only for cuda (nccl) and xpu (ccl)
+  (``tools/distributed_tools.py``, end of ``init_distributed``) and wraps the model as
+  ``DDP(model, device_ids=[local_rank])`` (``cli/run_train.py`` lines 896 and 1056), which DDP refuses for a
+  CPU module. Everything else MACE does in a distributed run already works on CPU with gloo: samplers,
+  barriers, rank-0 logging, rank-0 checkpoints and ``.model`` files, metric reduction.
 
   ============================  ===============================================================
   name in MACE                  what the patch adds
   ============================  ===============================================================
-  ``run_train.configure_model``  reparameterise the configured (element-filtered) foundation
-  ``run_train.get_params_options``  threshold scores in their own group, frozen weights dropped
-  ``run_train.get_optimizer``   decoupled λ_τ weight decay as an optimizer step pre-hook
-  ``run_train.get_swa``         threshold group keeps its lr ratio under SWALR (stage two)
-  ``run_train.deepcopy``        the save-time copy is merged into a plain MACE model; the delta file
-                                and ``<name>_sparsity.json`` are written beside it
-  ``tools.train.valid_err_log`` validation lines also report sparsity and mean δ
+  ``run_train.init_distributed``  after MACE's own rank/world-size discovery (torchrun, slurm, mpi
+                                environment), a gloo process group if MACE made none
+  ``run_train.DDP``             no ``device_ids`` for the CPU model (the DDP wrap of lines 896, 1056)
+  ``mace.tools.train``          only with ``MACE_SPARSE_RANK_DIGEST`` set (a debugging aid): every
+                                rank writes a digest of its model's state dict when training ends
   ============================  ===============================================================
+
+  With ``--finetune-method sparse_str`` DDP wraps the sparse-trainable model: it synchronises the gradients of
+  the latent deltas and threshold scores (the only trainable parameters) and broadcasts the frozen foundation
+  buffers from rank 0; the threshold decay and ΔW gradient scaling run in the optimizer step, after the
+  gradient all-reduce, so every rank applies the same update. The save-time merge sees ``model``, the
+  unwrapped module, on rank 0 only (MACE saves there only), so the delta file is written once.
 """
 
 from __future__ import annotations
@@ -29,15 +62,15 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Mapping, Optional
 
 from ..config import SparseConfig, SparseConfigError
 from ..magnetism.config import MagneticConfig, MagneticConfigError
 from .arguments import add_sparse_arguments, magnetic_config_from_args, sparse_config_from_args
+from .input_checks import check_inputs
 from .run_hooks import FineTuneHooks
 
 #: mace-torch releases these patches were written and tested against.
@@ -68,7 +101,10 @@ def _fail(message: str) -> None:
 
 
 def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
-    """Check the sparse flags against each other and MACE's flags; exits with one line on a bad combination."""
+    """Check the sparse flags, MACE's flags, the foundation, the data and the output dirs; one line on error.
+
+    Runs before MACE's ``run()`` body, whose first act is to create ``--log_dir``: a refused run writes nothing.
+    """
     try:
         config = sparse_config_from_args(args)
     except SparseConfigError as exc:
@@ -92,8 +128,10 @@ def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
     foundation = getattr(args, "foundation_model", None)
     if not foundation:
         _fail("--finetune-method sparse_str needs a pretrained model: add --foundation_model PATH")
-    if _looks_like_path(foundation) and not Path(foundation).is_file():
-        _fail(f"--foundation_model {foundation!r} does not exist; give the path of a MACE .model file")
+    try:
+        check_inputs(args)  # output dirs, the foundation file, the data (see input_checks for why)
+    except SparseConfigError as exc:
+        _fail(str(exc))
     return config
 
 
@@ -144,14 +182,29 @@ def _as_list(value: Any) -> list:
 
 def validate_run_args(args: Any) -> FineTuneHooks:
     """Every check of the flags this package adds; the hooks of the run (inactive for MACE's own runs)."""
-    return FineTuneHooks(args, validate_sparse_args(args), validate_magnetic_args(args))
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.endswith(".model") or value.endswith(".pt") or Path(value).exists()
+    sparse = validate_sparse_args(args)
+    magnetic = validate_magnetic_args(args)
+    if magnetic is not None and sparse is None and getattr(args, "foundation_model", None):
+        try:
+            check_inputs(args)  # a full fine-tune with the head gets the same early checks as sparse_str
+        except SparseConfigError as exc:
+            _fail(str(exc))
+    return FineTuneHooks(args, sparse, magnetic)
 
 
 # ----------------------------------------------------------------------------------------------- patching
+
+
+class _Patcher:
+    """Replaces names for the length of a run and remembers which, so the run log can say how it was wired."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
+        self.names: List[str] = []
+
+    def replace(self, owner: ModuleType, name: str, new: Callable) -> None:
+        self.stack.enter_context(_replaced(owner, name, new))
+        self.names.append(f"{owner.__name__}.{name}")
 
 
 @contextlib.contextmanager
@@ -177,12 +230,8 @@ class _AppendToMessage(logging.Filter):
         return True
 
 
-@contextlib.contextmanager
-def run_patches(run_train: ModuleType, hooks: FineTuneHooks) -> Iterator[FineTuneHooks]:
-    """Wire ``hooks`` into ``run_train`` (and MACE's train loop and data code) for one run; restores on exit."""
-    train_module = sys.modules["mace.tools.train"]
-    data_utils = sys.modules["mace.data.utils"]
-
+def _patch_hooked_seams(patcher: _Patcher, run_train: ModuleType, hooks: FineTuneHooks) -> None:
+    """The seams that MACE's plugin hook (``patches/``) also offers: used only where MACE lacks the hook."""
     original_configure = run_train.configure_model
 
     def configure_model(*a, **kw):
@@ -202,13 +251,29 @@ def run_patches(run_train: ModuleType, hooks: FineTuneHooks) -> Iterator[FineTun
     original_swa = run_train.get_swa
 
     def get_swa(a, model, optimizer, *rest, **kw):
-        result = original_swa(a, model, optimizer, *rest, **kw)
-        hooks.swa(optimizer)
-        return result
+        swa, swas = original_swa(a, model, optimizer, *rest, **kw)
+        return hooks.swa(swa, optimizer), swas
 
     def deepcopy(obj, memo=None):
         return hooks.before_save(obj, copy.deepcopy(obj, memo))
 
+    patcher.replace(run_train, "configure_model", configure_model)
+    patcher.replace(run_train, "get_params_options", get_params_options)
+    patcher.replace(run_train, "get_optimizer", get_optimizer)
+    patcher.replace(run_train, "get_swa", get_swa)
+    patcher.replace(run_train, "deepcopy", deepcopy)
+    if hooks.magnetic is not None:
+        original_loss = run_train.get_loss_fn
+
+        def get_loss_fn(*a, **kw):
+            return hooks.loss(original_loss(*a, **kw))
+
+        patcher.replace(run_train, "get_loss_fn", get_loss_fn)
+
+
+def _patch_unhooked_seams(patcher: _Patcher, run_train: ModuleType, hooks: FineTuneHooks) -> None:
+    """What the plugin hook does not cover: the validation-line suffix, and moments through data and metrics."""
+    train_module = sys.modules["mace.tools.train"]
     original_log = train_module.valid_err_log
 
     def valid_err_log(valid_loss, eval_metrics, logger, log_errors, epoch=None, valid_loader_name="Default"):
@@ -220,26 +285,19 @@ def run_patches(run_train: ModuleType, hooks: FineTuneHooks) -> Iterator[FineTun
         finally:
             root.removeFilter(flt)
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_replaced(run_train, "configure_model", configure_model))
-        stack.enter_context(_replaced(run_train, "get_params_options", get_params_options))
-        stack.enter_context(_replaced(run_train, "get_optimizer", get_optimizer))
-        stack.enter_context(_replaced(run_train, "get_swa", get_swa))
-        stack.enter_context(_replaced(run_train, "deepcopy", deepcopy))
-        stack.enter_context(_replaced(train_module, "valid_err_log", valid_err_log))
-        if hooks.magnetic is not None:
-            _enter_magnetic_patches(stack, run_train, train_module, data_utils, hooks)
-        yield hooks
+    patcher.replace(train_module, "valid_err_log", valid_err_log)
+    if hooks.magnetic is not None:
+        _patch_magnetic_data_and_metrics(patcher, run_train, train_module, hooks)
 
 
-def _enter_magnetic_patches(
-    stack: contextlib.ExitStack, run_train: ModuleType, train_module: ModuleType, data_utils: ModuleType,
-    hooks: FineTuneHooks,
+def _patch_magnetic_data_and_metrics(
+    patcher: _Patcher, run_train: ModuleType, train_module: ModuleType, hooks: FineTuneHooks
 ) -> None:
-    """Moments through MACE's data, loss, metrics and error tables (names looked up at call time)."""
+    """Moments through MACE's data, metrics and error tables (names looked up at call time)."""
     from ..magnetism.data import MAGMOMS, wrap_config_from_atoms
     from ..magnetism.metrics import add_moment_columns, magnetic_metric_class
 
+    data_utils = sys.modules["mace.data.utils"]
     magnetic = hooks.magnetic
     original_keyspec = run_train.update_keyspec_from_kwargs
 
@@ -247,11 +305,6 @@ def _enter_magnetic_patches(
         result = original_keyspec(keyspec, keydict)
         keyspec.update(arrays_keys={MAGMOMS: keydict.get("magmoms_key") or magnetic.key})
         return result
-
-    original_loss = run_train.get_loss_fn
-
-    def get_loss_fn(*a, **kw):
-        return hooks.loss(original_loss(*a, **kw))
 
     original_table = run_train.create_error_table
     tables_module = sys.modules[original_table.__module__]
@@ -269,11 +322,28 @@ def _enter_magnetic_patches(
             table = original_table(*a, **kw)
         return add_moment_columns(table, seen)
 
-    stack.enter_context(_replaced(run_train, "update_keyspec_from_kwargs", update_keyspec_from_kwargs))
-    stack.enter_context(_replaced(data_utils, "config_from_atoms", wrap_config_from_atoms(data_utils.config_from_atoms)))
-    stack.enter_context(_replaced(run_train, "get_loss_fn", get_loss_fn))
-    stack.enter_context(_replaced(train_module, "MACELoss", magnetic_metric_class(train_module.MACELoss, magnetic.signed)))
-    stack.enter_context(_replaced(run_train, "create_error_table", create_error_table))
+    patcher.replace(run_train, "update_keyspec_from_kwargs", update_keyspec_from_kwargs)
+    patcher.replace(data_utils, "config_from_atoms", wrap_config_from_atoms(data_utils.config_from_atoms))
+    patcher.replace(train_module, "MACELoss", magnetic_metric_class(train_module.MACELoss, magnetic.signed))
+    patcher.replace(run_train, "create_error_table", create_error_table)
+
+
+@contextlib.contextmanager
+def run_patches(run_train: ModuleType, hooks: FineTuneHooks, hooked: bool = False) -> Iterator[FineTuneHooks]:
+    """Wire ``hooks`` into ``run_train`` (and MACE's train loop and data code) for one run; restores on exit.
+
+    ``hooked``: MACE calls ``hooks`` through its plugin hook (:mod:`.mace_plugin`), so only the seams the hook
+    lacks are patched here; otherwise every seam is. Either way the same ``hooks`` object serves the run, and
+    ``hooks.wiring`` records which names were replaced (logged once the run's logger exists).
+    """
+    with contextlib.ExitStack() as stack:
+        patcher = _Patcher(stack)
+        if not hooked:
+            _patch_hooked_seams(patcher, run_train, hooks)
+        _patch_unhooked_seams(patcher, run_train, hooks)
+        via = f"MACE plugin hook (mace.tools.plugins, API {HOOK_API_VERSION})" if hooked else "runtime patches only"
+        hooks.wiring = f"{via}; runtime patches: {', '.join(patcher.names)}"
+        yield hooks
 
 
 @contextlib.contextmanager
@@ -295,6 +365,89 @@ def sparse_run_patches(run_train: ModuleType, args: Any, config: SparseConfig) -
         yield state
 
 
+# ------------------------------------------------------------------------------- choosing hook or patches
+
+#: The version of MACE's plugin hook API (``mace.tools.plugins.HOOK_API_VERSION``) this package implements.
+HOOK_API_VERSION = 1
+
+HOOK = "hook"
+RUNTIME = "runtime"
+
+
+class _Wiring:
+    """Process-wide choice between MACE's plugin hook and the runtime patches, and the hooked run in progress."""
+
+    mode: Optional[str] = None  # None until install() has decided
+    run_args_id: Optional[int] = None
+    run_stack: Optional[contextlib.ExitStack] = None
+
+
+def upstream_hook() -> Optional[ModuleType]:
+    """``mace.tools.plugins`` when MACE carries the plugin hook *and* will call this package through it.
+
+    Both are needed: a patched MACE without this package's ``mace.plugins`` entry point (an install from an
+    older checkout) would never call the plugin, and an unpatched MACE ignores the entry point.
+    """
+    try:
+        from mace.tools import plugins
+    except ImportError:
+        return None
+    if getattr(plugins, "HOOK_API_VERSION", 0) < HOOK_API_VERSION:
+        return None
+    from .mace_plugin import MaceSparsePlugin
+
+    try:
+        loaded = plugins.load_plugins()
+    except Exception:  # noqa: BLE001  (a broken plugin machinery: patch at run time instead)
+        return None
+    return plugins if any(isinstance(p, MaceSparsePlugin) for p in loaded) else None
+
+
+def wiring_mode() -> Optional[str]:
+    """``"hook"`` or ``"runtime"`` once :func:`install` has run in this process, else ``None``."""
+    return _Wiring.mode
+
+
+def plugin_enabled() -> bool:
+    """Whether the ``mace.plugins`` entry point should act when MACE calls it.
+
+    After :func:`install` chose the hook: yes (also under ``MACE_SPARSE_DISABLE=1`` when ``mace_sparse_train``
+    installed explicitly). After it chose the runtime patches: no, they already do the work. Before any
+    install: unless ``MACE_SPARSE_DISABLE`` is set, the switch that also turns the start-up hook off.
+    """
+    if _Wiring.mode is not None:
+        return _Wiring.mode == HOOK
+    from .._bootstrap import disabled
+
+    return not disabled()
+
+
+def start_hooked_run(args: Any) -> Optional[FineTuneHooks]:
+    """Validate the flags and open the run's remaining runtime patches; the run's hooks, or ``None`` if inactive.
+
+    Called by the plugin from MACE's ``run()``. The patches are closed when ``run()`` returns (the wrapper of
+    :func:`install`), or at the latest when the next run starts.
+    """
+    hooks = validate_run_args(args)
+    if not hooks.active:
+        return None
+    if _Wiring.run_stack is not None and _Wiring.run_args_id == id(args):
+        logging.getLogger(__name__).warning("mace-sparse plugin asked twice for the same run; the second ignored")
+        return None
+    end_hooked_run()
+    stack = contextlib.ExitStack()
+    stack.enter_context(run_patches(sys.modules["mace.cli.run_train"], hooks, hooked=True))
+    _Wiring.run_stack, _Wiring.run_args_id = stack, id(args)
+    return hooks
+
+
+def end_hooked_run() -> None:
+    """Remove the runtime patches of the hooked run in progress, if any."""
+    stack, _Wiring.run_stack, _Wiring.run_args_id = _Wiring.run_stack, None, None
+    if stack is not None:
+        stack.close()
+
+
 # ------------------------------------------------------------------------------------------ entry patches
 
 
@@ -302,21 +455,41 @@ def _patched_run(run_train: ModuleType) -> Callable:
     original_run = getattr(run_train, _ORIGINAL + "_run")
 
     def run(args) -> None:
-        """MACE's ``run``; with sparse_str or the moment head this package's patches are active during it."""
+        """MACE's ``run``; with sparse_str or the moment head this package's patches are active during it, and
+        in a ``--distributed`` CPU run the gloo patches."""
         hooks = validate_run_args(args)
-        if not hooks.active:
-            return original_run(args)
-        with run_patches(run_train, hooks):
+        with contextlib.ExitStack() as stack:
+            if needs_cpu_distributed_patches(args):
+                stack.enter_context(cpu_distributed_patches(run_train, args))
+            if hooks.active:
+                stack.enter_context(run_patches(run_train, hooks))
             return original_run(args)
 
     run.__doc__ = (original_run.__doc__ or "") + "\n(mace-sparse: validates and applies --finetune-method)"
     return run
 
 
+def _scoped_run(run_train: ModuleType) -> Callable:
+    original_run = getattr(run_train, _ORIGINAL + "_run")
+
+    def run(args) -> None:
+        """MACE's ``run``; the plugin hook drives mace-sparse, this only removes its leftover patches after."""
+        try:
+            return original_run(args)
+        finally:
+            end_hooked_run()
+
+    run.__doc__ = (original_run.__doc__ or "") + "\n(mace-sparse: via the mace.plugins hook)"
+    return run
+
+
 def install(run_train: Optional[ModuleType] = None) -> None:
-    """Install the entry patches into ``mace.cli.run_train`` (idempotent).
+    """Activate mace-sparse in ``mace.cli.run_train`` (idempotent).
 
     Called by the import hook when ``mace_run_train`` imports its module, and by ``mace_sparse_train``.
+    Where MACE carries the plugin hook (:func:`upstream_hook`), the hook adds the flags, validates and calls
+    :class:`FineTuneHooks`; ``run`` is only wrapped to remove the remaining runtime patches when it returns.
+    Otherwise MACE's parser is wrapped to add the flags and ``run`` to validate and patch every seam.
     """
     import mace.tools
 
@@ -325,6 +498,11 @@ def install(run_train: Optional[ModuleType] = None) -> None:
     if getattr(run_train, _ORIGINAL + "_run", None) is not None:
         return
     setattr(run_train, _ORIGINAL + "_run", run_train.run)
+    if upstream_hook() is not None:
+        _Wiring.mode = HOOK
+        run_train.run = _scoped_run(run_train)
+        return
+    _Wiring.mode = RUNTIME
     original_parser = mace.tools.build_default_arg_parser
 
     def build_default_arg_parser():
@@ -333,3 +511,103 @@ def install(run_train: Optional[ModuleType] = None) -> None:
     build_default_arg_parser.__wrapped__ = original_parser
     mace.tools.build_default_arg_parser = build_default_arg_parser
     run_train.run = _patched_run(run_train)
+
+
+# ------------------------------------------------------------------------------- distributed on CPU
+
+#: Debugging aid: set to a directory and every rank of a distributed run writes ``rank<R>.json`` there when
+#: training ends (SHA-256 of each state-dict tensor and of all of them), so that the ranks' weights can be
+#: compared although MACE saves checkpoints and models on rank 0 only.
+RANK_DIGEST_ENV = "MACE_SPARSE_RANK_DIGEST"
+
+
+def needs_cpu_distributed_patches(args: Any) -> bool:
+    """True for a ``--distributed`` run on ``--device cpu``: the case MACE 0.3.16 does not set up itself."""
+    return bool(getattr(args, "distributed", False)) and str(getattr(args, "device", "")) == "cpu"
+
+
+def state_dict_digest(state_dict: Mapping[str, Any]) -> dict:
+    """SHA-256 of every tensor of a state dict (raw bytes, so equal digests mean bit-identical tensors), and
+    one over all of them in order. Also used by tests to digest a checkpoint's ``"model"`` entry."""
+    import hashlib
+
+    import torch
+
+    per_key = {}
+    total = hashlib.sha256()
+    for key, value in state_dict.items():
+        if not torch.is_tensor(value):
+            continue
+        raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        per_key[key] = digest
+        total.update(f"{key}:{value.dtype}:{tuple(value.shape)}:{digest};".encode())
+    return {"sha256": total.hexdigest(), "tensors": per_key}
+
+
+def write_rank_digest(model: Any, directory: str) -> Path:
+    """Write ``<directory>/rank<R>.json``: this process's rank and :func:`state_dict_digest` of ``model``."""
+    import torch.distributed as dist
+
+    model = getattr(model, "module", model)  # a DDP wrapper would prefix every key with "module."
+    grouped = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if grouped else 0
+    world_size = dist.get_world_size() if grouped else 1
+    record = {"rank": rank, "world_size": world_size, **state_dict_digest(model.state_dict())}
+    path = Path(directory) / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+@contextlib.contextmanager
+def cpu_distributed_patches(run_train: ModuleType, args: Any) -> Iterator[None]:
+    """Make MACE's ``--distributed`` path run on CPU processes with the gloo backend; restores on exit.
+
+    On a MACE release other than :data:`TESTED_MACE_VERSIONS` nothing is patched (a warning is printed):
+    MACE's own behaviour, whatever it is there, is kept.
+    """
+    import mace.tools
+    import torch.distributed as dist
+
+    try:
+        check_mace_version()
+    except SparseConfigError as exc:
+        sys.stderr.write(f"mace-sparse: distributed CPU training not set up by the plugin ({exc})\n")
+        yield
+        return
+
+    original_init = run_train.init_distributed
+
+    def init_distributed(a: Any) -> tuple:
+        """MACE's rank discovery, then a gloo group: MACE 0.3.16 only creates nccl (cuda) or ccl (xpu) groups.
+
+        ``env://`` reads MASTER_ADDR and MASTER_PORT from the environment: torchrun sets them, MACE's slurm
+        branch exports them, its mpi branch expects them from the user (tested: torchrun and slurm).
+        """
+        rank, local_rank, world_size = original_init(a)
+        if a.distributed and a.launcher != "none" and not dist.is_initialized():
+            dist.init_process_group(backend="gloo", init_method="env://", rank=rank, world_size=world_size)
+        return rank, local_rank, world_size
+
+    original_ddp = run_train.DDP
+
+    def DDP(module: Any, device_ids: Optional[list] = None, **kw: Any) -> Any:  # noqa: N802  (MACE's name)
+        """DDP for a CPU module: ``device_ids`` must be left out (DDP raises otherwise)."""
+        return original_ddp(module, **kw)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_replaced(run_train, "init_distributed", init_distributed))
+        stack.enter_context(_replaced(run_train, "DDP", DDP))
+        digest_dir = os.environ.get(RANK_DIGEST_ENV, "").strip()
+        if digest_dir:
+            original_train = mace.tools.train
+
+            def train(*a: Any, **kw: Any) -> Any:
+                """MACE's training loop, then this rank's weight digest (``MACE_SPARSE_RANK_DIGEST``)."""
+                result = original_train(*a, **kw)
+                write_rank_digest(kw["model"] if "model" in kw else a[0], digest_dir)
+                return result
+
+            stack.enter_context(_replaced(mace.tools, "train", train))
+        yield

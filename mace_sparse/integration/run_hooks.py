@@ -31,6 +31,8 @@ class FineTuneHooks:
         self.magnetic = magnetic if magnetic is not None and magnetic.enabled else None
         self.model: Optional[torch.nn.Module] = None
         self.saved_stems: List[str] = []
+        #: how the caller wired these hooks into MACE (set by the caller, logged with the model set-up)
+        self.wiring: Optional[str] = None
 
     @property
     def active(self) -> bool:
@@ -41,6 +43,11 @@ class FineTuneHooks:
         """Attach the moment head (fully trainable) and/or reparameterise the backbone, in place."""
         from ..magnetism.head import HEAD_NAME, attach_magnetic_head
 
+        if self.model is not None:
+            # two callers wired into one run (plugin hook and runtime patch) would reparameterise twice
+            raise RuntimeError("mace-sparse: configure_model called twice in one run (hook and patch both active?)")
+        if self.wiring is not None:
+            logging.info(f"mace-sparse wiring: {self.wiring}")
         if self.magnetic is not None:
             head = attach_magnetic_head(model, self.magnetic)
             logging.info("===========MAGNETIC-MOMENT HEAD===========")
@@ -83,17 +90,24 @@ class FineTuneHooks:
 
         return optim.register_threshold_decay(optimizer)
 
-    def swa(self, optimizer: torch.optim.Optimizer) -> None:
+    def swa(self, swa: Any, optimizer: torch.optim.Optimizer) -> Any:
+        """Stage two (``--swa``): keep the threshold lr ratio under SWALR, and keep the moment term in the
+        stage-two loss MACE builds afresh (it would otherwise stop training the head)."""
         if self.sparse is not None:
             from .. import optim
 
             optim.keep_threshold_lr_ratio_in_swa(optimizer, self.args.lr)
+        if swa is not None and self.magnetic is not None and hasattr(swa, "loss_fn"):
+            swa.loss_fn = self.loss(swa.loss_fn)
+        return swa
 
     def loss(self, loss_fn: torch.nn.Module) -> torch.nn.Module:
         if self.magnetic is None:
             return loss_fn
         from ..magnetism.loss import MagneticLoss
 
+        if isinstance(loss_fn, MagneticLoss):
+            return loss_fn
         return MagneticLoss(loss_fn, self.magnetic)
 
     # -------------------------------------------------------------------------------------------- save

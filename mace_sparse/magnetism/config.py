@@ -6,6 +6,8 @@ import dataclasses
 import math
 
 MAGMOM_LOSSES = ("mse", "huber")
+#: extxyz columns that ASE turns into calculator results on reading (they never reach ``atoms.arrays``)
+ASE_RESERVED_KEYS = ("magmoms", "magmom", "forces", "charges", "energies")
 
 
 class MagneticConfigError(ValueError):
@@ -31,6 +33,11 @@ class MagneticConfig:
     def __post_init__(self) -> None:
         if not self.key:
             raise MagneticConfigError("--magmoms_key is empty; give the name of the per-atom array, e.g. REF_magmoms")
+        if self.key in ASE_RESERVED_KEYS:
+            raise MagneticConfigError(
+                f"--magmoms_key {self.key}: ASE reads an extxyz column of that name as calculator results, not as a "
+                "per-atom array, so MACE never sees it; rename the column (e.g. REF_magmoms) and pass that name"
+            )
         if not math.isfinite(self.weight) or self.weight < 0:
             raise MagneticConfigError(f"--magmom_weight must be >= 0 (got {self.weight}); 0 switches the head off")
         if self.loss not in MAGMOM_LOSSES:
