@@ -89,7 +89,7 @@ def test_lora_and_freeze_flags_accepted_by_mace_parser():
         bench_methods.train_command(_case(), methods["lora"], 7, settings, "train.xyz"))
     assert lora.lora is True and lora.lora_rank == 8 and lora.lora_alpha == 2.0
     assert lora.multiheads_finetuning is False and lora.seed == 7 and lora.max_num_epochs == 3
-    assert lora.lr == 0.005 and lora.batch_size == 2 and lora.E0s == "average" and lora.foundation_model == "f.model"
+    assert lora.lr == 0.005 and lora.batch_size == 2 and lora.E0s == "average" and lora.foundation_model == str(_case().foundation)
     freeze = build_default_arg_parser().parse_args(
         bench_methods.train_command(_case(), methods["freeze"], 0, settings, "train.xyz"))
     assert freeze.freeze == 6 and not freeze.lora
@@ -146,3 +146,34 @@ def test_bench_end_to_end(tmp_path, tiny_foundation, emt_data):
     check = case["checks"][0]
     assert check["method"] == "sparse_str-H-all" and check["force_vs_full"] is None  # full was not run
     assert check["step_time"] in (True, False) and check["unchanged"] in (True, False)
+
+
+def test_plan_adds_an_lr0_reference_only_without_sparse_runs(tmp_path):
+    from mace_sparse.benchmarks.bench_runner import BenchOptions, _plan
+
+    def plan(names):
+        options = BenchOptions(methods=bench_methods.select_methods(names), seeds=[0, 1],
+                               settings=bench_methods.TrainSettings(epochs=2), out=tmp_path)
+        return _plan(_case(), options, tmp_path / "train.xyz", tmp_path)
+
+    jobs = plan(["zero-shot", "full", "lora"])
+    refs = [j for j in jobs if j.method.kind == "reference"]
+    assert len(jobs) == 6 and [j.seed for j in refs] == [0, 1]
+    args = refs[0].args
+    assert args[args.index("--lr") + 1] == "0.0" and args[args.index("--max_num_epochs") + 1] == "1"
+    assert not [j for j in plan(["full", "sparse_str-H-all"]) if j.method.kind == "reference"]
+    assert _case().foundation.is_absolute()  # runs execute in their own directories
+
+
+def test_epoch_time_from_mace_log():
+    from mace_sparse.benchmarks.bench_train import median_epoch_seconds
+
+    log = "\n".join([
+        "2026-11-23 07:55:24.709 INFO: Training set 1/1",
+        "2026-11-23 07:55:30.000 INFO: Epoch 0: head: Default, loss=5.7",
+        "2026-11-23 07:55:31.000 INFO: Epoch 1: head: Default, loss=4.2",
+        "2026-11-23 07:55:33.500 INFO: Epoch 2: head: Default, loss=3.5",
+        "2026-11-23 07:55:35.000 INFO: Epoch 3: head: Default, loss=3.1",
+    ])
+    assert median_epoch_seconds(log) == pytest.approx(1.5)
+    assert median_epoch_seconds("2026-11-23 07:55:30.000 INFO: Epoch 0: x") is None

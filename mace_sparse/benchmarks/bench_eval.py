@@ -1,7 +1,8 @@
 """Errors of a model on a test set, and how much of the foundation a fine-tune changed.
 
-Evaluation is batched, in float64, with the saved model itself (no training-time hooks: every ``.model`` a
-method writes is a plain MACE model), independent of MACE's logged metrics.
+Evaluation is batched, in float64, with the saved model itself (every ``.model`` a method writes is a plain MACE
+model), independent of MACE's logged metrics; it is the project's shared evaluation
+(:mod:`mace_sparse.benchmarks.evaluation`), which agrees with MACE's own ``MACECalculator`` to the last digit.
 
 Element filtering. MACE's fine-tuning keeps only the elements of the training data
 (``load_foundations_elements`` slices the element-dependent weights and, with ``--E0s average``, refits the
@@ -18,85 +19,38 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Set
+from typing import Dict, Iterable, Optional, Sequence, Set
 
 import torch
 
 
-@dataclasses.dataclass
-class Errors:
-    """Mean absolute errors: energy per atom and per configuration (meV), forces per component (meV/Å)."""
+def evaluate(model_path: Path, xyz: Path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
+             magmoms_key: Optional[str] = None) -> Dict[str, float]:
+    """MAE of ``model_path`` on ``xyz`` with the project's shared evaluation
+    (:func:`mace_sparse.benchmarks.evaluation.evaluate_file`: float64, batched), under this module's names:
+    ``energy_mae_per_atom`` / ``energy_mae_per_config`` (meV), ``force_mae`` (meV/Å), ``magmom_mae`` (μB,
+    for a ``_magnetic.model`` only) and ``configs``; NaN errors for an empty file."""
+    from .evaluation import evaluate_file
 
-    energy_mae_per_atom: float
-    energy_mae_per_config: float
-    force_mae: float
-    configs: int
-
-
-def load_model(path: Path) -> torch.nn.Module:
-    import mace  # noqa: F401  (before e3nn)
-
-    model = torch.load(str(path), map_location="cpu", weights_only=False)
-    return model.double().eval()
-
-
-def model_elements(model: torch.nn.Module) -> Set[int]:
-    return {int(z) for z in model.atomic_numbers}
-
-
-def file_elements(path: Path) -> Set[int]:
-    import ase.io
-
-    return {int(z) for atoms in ase.io.read(str(path), ":") for z in atoms.numbers}
-
-
-def read_frames(path: Path, elements: Optional[Set[int]] = None) -> list:
-    """Frames of an extxyz file, only those made of ``elements`` if given."""
-    import ase.io
-
-    frames = ase.io.read(str(path), ":")
-    if elements is not None:
-        frames = [a for a in frames if set(int(z) for z in a.numbers) <= elements]
-    return frames
-
-
-def evaluate(model: torch.nn.Module, frames: Sequence, energy_key: str = "REF_energy",
-             forces_key: str = "REF_forces", batch_size: int = 16) -> Errors:
-    """Energy and force MAE of ``model`` on ``frames`` (ASE atoms with reference labels), in float64."""
-    from mace import data
-    from mace.tools import torch_geometric
-    from mace.tools.utils import AtomicNumberTable
-
-    if not frames:
+    configs = len(read_frames(xyz))
+    if configs == 0:
         nan = float("nan")
-        return Errors(nan, nan, nan, 0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # AtomicData takes the default dtype for positions and labels
-    try:
-        z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
-        keys = data.KeySpecification(info_keys={"energy": energy_key}, arrays_keys={"forces": forces_key})
-        items = [
-            data.AtomicData.from_config(data.config_from_atoms(a, key_specification=keys), z_table=z_table,
-                                        cutoff=float(model.r_max))
-            for a in frames
-        ]
-        loader = torch_geometric.dataloader.DataLoader(items, batch_size=batch_size, shuffle=False)
-        e_atom, e_conf, f_abs = [], [], []
-        for batch in loader:
-            out = model(batch.to_dict(), training=False, compute_force=True)
-            n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(torch.float64)
-            diff = (out["energy"].detach() - batch.energy).abs()
-            e_conf.append(diff)
-            e_atom.append(diff / n_atoms)
-            f_abs.append((out["forces"].detach() - batch.forces).abs().reshape(-1))
-    finally:
-        torch.set_default_dtype(previous)
-    return Errors(
-        energy_mae_per_atom=1000.0 * float(torch.cat(e_atom).mean()),
-        energy_mae_per_config=1000.0 * float(torch.cat(e_conf).mean()),
-        force_mae=1000.0 * float(torch.cat(f_abs).mean()),
-        configs=len(frames),
-    )
+        return {"energy_mae_per_atom": nan, "energy_mae_per_config": nan, "force_mae": nan, "configs": 0}
+    scores = evaluate_file(model_path, xyz, energy_key, forces_key, magmoms_key)
+    out = {"energy_mae_per_atom": scores["energy_mae_mev_per_atom"], "energy_mae_per_config": scores["energy_mae_mev"],
+           "force_mae": scores["force_mae_mev_per_a"], "configs": configs}
+    if "magmom_mae_mub" in scores:
+        out["magmom_mae"] = scores["magmom_mae_mub"]
+    return out
+
+
+def write_frames(frames: Sequence, path: Path) -> Path:
+    """Write ``frames`` as extxyz (the evaluated subset is kept next to the runs, so it can be re-checked)."""
+    import ase.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(str(path), list(frames), format="extxyz")
+    return path
 
 
 @dataclasses.dataclass

@@ -104,9 +104,15 @@ def _execute(jobs: Sequence[_Job], parallel: int) -> None:
                                + failure_tail(job.output))
         return job
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for future in [pool.submit(one, job) for job in jobs]:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
+        futures = [pool.submit(one, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
             future.result()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # runs already started finish; none is started after
+        raise
+    pool.shutdown(wait=True)
 
 
 def _references(jobs: Sequence[_Job]) -> Dict[int, Tuple[Any, str]]:
@@ -123,19 +129,18 @@ def _references(jobs: Sequence[_Job]) -> Dict[int, Tuple[Any, str]]:
     return refs
 
 
-def _errors_dict(prefix: str, errors: bench_eval.Errors) -> Dict[str, Any]:
-    return {f"{prefix}_energy_mae_per_atom": errors.energy_mae_per_atom,
-            f"{prefix}_energy_mae_per_config": errors.energy_mae_per_config,
-            f"{prefix}_force_mae": errors.force_mae, f"{prefix}_configs": errors.configs}
+def _errors_dict(prefix: str, errors: Dict[str, float]) -> Dict[str, Any]:
+    return {f"{prefix}_{key}": value for key, value in errors.items()}
 
 
-def _evaluate_run(job: _Job, reference, target, source) -> Dict[str, Any]:
+def _evaluate_run(job: _Job, reference, target: Path, source: Path) -> Dict[str, Any]:
     import torch
 
     out = job.output
     assert out is not None
     saved = torch.load(str(out.model), map_location="cpu", weights_only=False)
     change = bench_eval.count_changed(reference, saved)
+    del saved
     record: Dict[str, Any] = {
         "case": job.case.label, "method": job.method.name, "seed": job.seed,
         "changed_entries": change.changed, "total_entries": change.total,
@@ -151,10 +156,23 @@ def _evaluate_run(job: _Job, reference, target, source) -> Dict[str, Any]:
         record["delta_bytes"] = out.delta.stat().st_size if out.delta else None
         record["delta_percent_of_model"] = (100.0 * record["delta_bytes"] / record["model_bytes"]
                                             if record["delta_bytes"] else None)
-    model = saved.double().eval()
-    record.update(_errors_dict("target", bench_eval.evaluate(model, target, job.case.energy_key, job.case.forces_key)))
-    record.update(_errors_dict("source", bench_eval.evaluate(model, source, job.case.energy_key, job.case.forces_key)))
+    # a run with the magnetic head also writes <name>_magnetic.model (MACE + head): it scores the moments too
+    magnetic = out.model.with_name(out.model.stem + "_magnetic.model")
+    scored = magnetic if magnetic.is_file() else out.model
+    magmoms_key = _magmoms_key(job.case) if magnetic.is_file() else None
+    case = job.case
+    record.update(_errors_dict("target", bench_eval.evaluate(scored, target, case.energy_key, case.forces_key,
+                                                             magmoms_key)))
+    record.update(_errors_dict("source", bench_eval.evaluate(out.model, source, case.energy_key, case.forces_key)))
     return record
+
+
+def _magmoms_key(case: BenchCase) -> str:
+    flags = list(case.extra_flags)
+    for name in ("--magmoms_key", "--magmoms-key"):
+        if name in flags:
+            return flags[flags.index(name) + 1]
+    return "REF_magmoms"
 
 
 def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: int) -> Dict[str, Any]:
@@ -165,17 +183,20 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
     case_dir = options.out / "runs" / _slug(case.label)
     train_file = write_subset(case.train_file, case.train_size, case_dir / "train.xyz")
     elements = bench_eval.file_elements(train_file)
-    target = bench_eval.read_frames(case.test_file)
-    source = bench_eval.read_frames(case.source_test_file, elements)
+    target = Path(case.test_file)
     source_all = len(bench_eval.read_frames(case.source_test_file))
+    source = bench_eval.write_frames(bench_eval.read_frames(case.source_test_file, elements),
+                                     case_dir / "source_test_subset.xyz")
+    n_source = len(bench_eval.read_frames(source))
     LOG.info("%s: %d target test configs, %d of %d source test configs made of the training elements",
-             case.label, len(target), len(source), source_all)
+             case.label, len(bench_eval.read_frames(target)), n_source, source_all)
 
-    foundation = bench_eval.load_model(case.foundation)
     zero = {"case": case.label, "method": ZERO_SHOT, "seed": None, "changed_entries": 0,
             "changed_percent": 0.0}
-    zero.update(_errors_dict("target", bench_eval.evaluate(foundation, target, case.energy_key, case.forces_key)))
-    zero.update(_errors_dict("source", bench_eval.evaluate(foundation, source, case.energy_key, case.forces_key)))
+    zero.update(_errors_dict("target", bench_eval.evaluate(case.foundation, target, case.energy_key,
+                                                           case.forces_key)))
+    zero.update(_errors_dict("source", bench_eval.evaluate(case.foundation, source, case.energy_key,
+                                                           case.forces_key)))
     LOG.info("%s: zero-shot force MAE target %.1f, source %.1f meV/Å", case.label, zero["target_force_mae"],
              zero["source_force_mae"])
 
@@ -215,7 +236,7 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
                                              "source_test_file": str(case.source_test_file)},
         "train_file_used": str(train_file),
         "elements": sorted(elements),
-        "source_configs": {"used": len(source), "in_file": source_all},
+        "source_configs": {"used": n_source, "in_file": source_all, "subset_file": str(source)},
         "reference": {str(seed): {"from": how, "fingerprint": fingerprints[seed]} for seed, (_, how) in refs.items()},
         "reference_seed_independent": len(set(fingerprints.values())) <= 1,
         "runs": runs,

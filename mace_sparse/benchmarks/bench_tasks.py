@@ -58,6 +58,11 @@ class BenchCase:
     forces_key: str = "REF_forces"
     extra_flags: Tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # absolute paths: every run executes in its own directory
+        for what in ("foundation", "train_file", "test_file", "source_test_file"):
+            object.__setattr__(self, what, Path(getattr(self, what)).expanduser().resolve())
+
     def check_files(self) -> None:
         """Fail early, with the file that is missing, rather than minutes into a run."""
         for what in ("foundation", "train_file", "test_file", "source_test_file"):
