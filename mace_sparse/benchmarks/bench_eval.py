@@ -19,9 +19,33 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Set
+from typing import Dict, Optional, Sequence, Set
 
 import torch
+
+
+def load_model(path: Path) -> torch.nn.Module:
+    import mace  # noqa: F401  (before e3nn)
+
+    model = torch.load(str(path), map_location="cpu", weights_only=False)
+    return model.double().eval()
+
+
+def file_elements(path: Path) -> Set[int]:
+    """Atomic numbers present in an extxyz file."""
+    import ase.io
+
+    return {int(z) for atoms in ase.io.read(str(path), ":") for z in atoms.numbers}
+
+
+def read_frames(path: Path, elements: Optional[Set[int]] = None) -> list:
+    """Frames of an extxyz file, only those made of ``elements`` if given."""
+    import ase.io
+
+    frames = ase.io.read(str(path), ":")
+    if elements is not None:
+        frames = [a for a in frames if set(int(z) for z in a.numbers) <= elements]
+    return frames
 
 
 def evaluate(model_path: Path, xyz: Path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
@@ -100,10 +124,3 @@ def fingerprint(model: torch.nn.Module) -> str:
     from ..artifacts.fingerprint import model_fingerprint
 
     return model_fingerprint(model)
-
-
-def union_elements(paths: Iterable[Path]) -> Set[int]:
-    out: Set[int] = set()
-    for p in paths:
-        out |= file_elements(p)
-    return out

@@ -183,13 +183,20 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
     case_dir = options.out / "runs" / _slug(case.label)
     train_file = write_subset(case.train_file, case.train_size, case_dir / "train.xyz")
     elements = bench_eval.file_elements(train_file)
+    target_frames = bench_eval.read_frames(case.test_file)
+    target_kept = bench_eval.read_frames(case.test_file, elements)
     target = Path(case.test_file)
+    if len(target_kept) < len(target_frames):
+        # a fine-tuned model knows only the training elements (see bench_eval); score every method on the rest
+        LOG.warning("%s: %d target test configs hold elements absent from the training data and are left out",
+                    case.label, len(target_frames) - len(target_kept))
+        target = bench_eval.write_frames(target_kept, case_dir / "target_test_subset.xyz")
     source_all = len(bench_eval.read_frames(case.source_test_file))
     source = bench_eval.write_frames(bench_eval.read_frames(case.source_test_file, elements),
                                      case_dir / "source_test_subset.xyz")
     n_source = len(bench_eval.read_frames(source))
     LOG.info("%s: %d target test configs, %d of %d source test configs made of the training elements",
-             case.label, len(bench_eval.read_frames(target)), n_source, source_all)
+             case.label, len(target_kept), n_source, source_all)
 
     zero = {"case": case.label, "method": ZERO_SHOT, "seed": None, "changed_entries": 0,
             "changed_percent": 0.0}
@@ -237,6 +244,7 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
         "train_file_used": str(train_file),
         "elements": sorted(elements),
         "source_configs": {"used": n_source, "in_file": source_all, "subset_file": str(source)},
+        "target_configs": {"used": len(target_kept), "in_file": len(target_frames), "file": str(target)},
         "reference": {str(seed): {"from": how, "fingerprint": fingerprints[seed]} for seed, (_, how) in refs.items()},
         "reference_seed_independent": len(set(fingerprints.values())) <= 1,
         "runs": runs,

@@ -36,7 +36,7 @@ CHECKS: Tuple[Tuple[str, str], ...] = (
 
 _AVERAGED = (
     "target_force_mae", "target_energy_mae_per_atom", "target_energy_mae_per_config", "source_force_mae",
-    "changed_percent", "delta_bytes", "delta_percent_of_model", "epoch_s_from_log",
+    "changed_percent", "delta_bytes", "delta_percent_of_model", "epoch_s_from_log", "target_magmom_mae",
 )
 
 
@@ -164,20 +164,29 @@ def _delta_cell(row: Dict[str, Any]) -> str:
     return f"{row['delta_bytes'] / 1024:.1f} KiB ({_fmt(row.get('delta_percent_of_model'))}%)"
 
 
+def _target_note(case: Dict[str, Any]) -> str:
+    counts = case.get("target_configs")
+    if not counts or counts["used"] == counts["in_file"]:
+        return ""
+    return f" ({counts['used']} of {counts['in_file']} configurations, those made of the training elements)"
+
+
 def case_markdown(case: Dict[str, Any]) -> str:
     """Results table and checks table of one case."""
     info = case["case"]
     molecules = bool(info.get("molecules"))
+    magnetic = any(row.get("target_magmom_mae") is not None for row in case["rows"])
     head = ["method", "E MAE (meV/atom)"] + (["E MAE (meV/molecule)"] if molecules else []) + [
-        "F MAE (meV/Å)", "F × full", "params changed (%)", "source F MAE (meV/Å)", "forgetting rise (meV/Å)",
-        "rise × full's", "step × full", "peak mem × full", "delta file",
+        "F MAE (meV/Å)", "F × full"] + (["moment MAE (μB)"] if magnetic else []) + [
+        "params changed (%)", "source F MAE (meV/Å)", "forgetting rise (meV/Å)", "rise × full's", "step × full", "peak mem × full", "delta file",
     ]
     lines = [
         f"### {info['label']}",
         "",
         f"Foundation `{_display(info['foundation'])}`; train `{_display(case['train_file_used'])}`"
         + (f" (first {info['train_size']} frames)" if info.get("train_size") else "")
-        + f"; target test `{_display(info['test_file'])}`; source test `{_display(info['source_test_file'])}` "
+        + f"; target test `{_display(info['test_file'])}`{_target_note(case)}; "
+        f"source test `{_display(info['source_test_file'])}` "
         f"({case['source_configs']['used']} of {case['source_configs']['in_file']} configurations, those made of "
         f"the training elements); `--E0s {info['e0s']}`.",
         "",
@@ -188,8 +197,10 @@ def case_markdown(case: Dict[str, Any]) -> str:
         cells = [row["method"], _pm(row, "target_energy_mae_per_atom", ".2f")]
         if molecules:
             cells.append(_pm(row, "target_energy_mae_per_config"))
+        cells += [_pm(row, "target_force_mae"), _fmt(row["target_force_ratio_to_full"], ".2f")]
+        if magnetic:
+            cells.append(_pm(row, "target_magmom_mae", ".3f"))
         cells += [
-            _pm(row, "target_force_mae"), _fmt(row["target_force_ratio_to_full"], ".2f"),
             _pm(row, "changed_percent", ".2f"), _pm(row, "source_force_mae"), _fmt(row["source_rise"]),
             _fmt(row["source_rise_ratio_to_full"], ".2f"), _fmt(row["step_time_ratio"], ".2f"),
             _fmt(row["peak_memory_ratio"], ".2f"), _delta_cell(row),
