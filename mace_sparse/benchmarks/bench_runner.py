@@ -46,6 +46,12 @@ class BenchOptions:
     freeze: int = 5
     lora_rank: int = 4
     lora_alpha: float = 1.0
+    #: epochs per task name, overriding ``settings.epochs`` (full mode gives larger data sets fewer epochs)
+    epochs_by_task: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def settings_for(self, case: BenchCase) -> TrainSettings:
+        """What every method of ``case`` shares (same epochs for all of them)."""
+        return dataclasses.replace(self.settings, epochs=self.epochs_by_task.get(case.task, self.settings.epochs))
 
 
 @dataclasses.dataclass
@@ -76,10 +82,10 @@ def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Pa
     for seed in options.seeds:
         for method in trained:
             jobs.append(_Job(case, method, seed, case_dir / f"{method.name}_seed{seed}",
-                             train_command(case, method, seed, options.settings, str(train_file))))
+                             train_command(case, method, seed, options.settings_for(case), str(train_file))))
         if trained and not has_sparse:
             ref = _reference_method()
-            settings = dataclasses.replace(options.settings, epochs=1, lr=0.0)
+            settings = dataclasses.replace(options.settings_for(case), epochs=1, lr=0.0)
             jobs.append(_Job(case, ref, seed, case_dir / f"reference-lr0_seed{seed}",
                              train_command(case, ref, seed, settings, str(train_file))))
     return jobs
@@ -242,6 +248,7 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
                                              "test_file": str(case.test_file),
                                              "source_test_file": str(case.source_test_file)},
         "train_file_used": str(train_file),
+        "epochs": options.settings_for(case).epochs,
         "elements": sorted(elements),
         "source_configs": {"used": n_source, "in_file": source_all, "subset_file": str(source)},
         "target_configs": {"used": len(target_kept), "in_file": len(target_frames), "file": str(target)},

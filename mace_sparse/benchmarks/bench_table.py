@@ -188,7 +188,7 @@ def case_markdown(case: Dict[str, Any]) -> str:
         + f"; target test `{_display(info['test_file'])}`{_target_note(case)}; "
         f"source test `{_display(info['source_test_file'])}` "
         f"({case['source_configs']['used']} of {case['source_configs']['in_file']} configurations, those made of "
-        f"the training elements); `--E0s {info['e0s']}`.",
+        f"the training elements); `--E0s {info['e0s']}`; {case.get('epochs', '?')} epochs.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -220,7 +220,7 @@ def markdown(report: Dict[str, Any]) -> str:
     out = [
         f"Measured {meta['date']} with `{meta['command']}` ({meta['mode']} mode: {meta['covers']}).",
         "",
-        f"{meta['epochs']} epochs, lr {meta['lr']}, batch size {meta['batch_size']}, seeds {meta['seeds']}, "
+        f"Epochs {meta['epochs']}, lr {meta['lr']}, batch size {meta['batch_size']}, seeds {meta['seeds']}, "
         f"{meta['dtype']}, `--multiheads_finetuning False`; sparse_str λ_τ presets {meta['lambda_presets']}, "
         f"LoRA rank {meta['lora_rank']} alpha {meta['lora_alpha']}, `--freeze {meta['freeze']}`. "
         "Errors are mean absolute errors on the held-out target test set (mean ± std over seeds), evaluated in "

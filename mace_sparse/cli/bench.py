@@ -39,15 +39,20 @@ MODES: Dict[str, Dict[str, Any]] = {
 }
 
 
-def describe(mode: Dict[str, Any], cases: List[Any], methods: List[Any], epochs: int, seeds: List[int],
-             customised: bool) -> str:
+def describe(mode: Dict[str, Any], cases: List[Any], methods: List[Any], epochs: Dict[str, int],
+             seeds: List[int], customised: bool) -> str:
     """What a run covers, in words (printed at the start and written to bench.md)."""
     from mace_sparse.benchmarks.bench_methods import METHOD_NAMES
 
     names = [m.name for m in methods]
     text = (f"{len(cases)} case(s) ({', '.join(c.label for c in cases)}); {len(names)} of {len(METHOD_NAMES)} "
-            f"methods ({', '.join(names)}); {epochs} epochs; {len(seeds)} seed(s) {list(seeds)}")
+            f"methods ({', '.join(names)}); epochs {_epochs_text(epochs)}; {len(seeds)} seed(s) {list(seeds)}")
     return text + ("; customised by flags" if customised else f"; {mode['note']}")
+
+
+def _epochs_text(epochs: Dict[str, int]) -> str:
+    values = set(epochs.values())
+    return str(values.pop()) if len(values) == 1 else ", ".join(f"{t}: {n}" for t, n in epochs.items())
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -70,9 +75,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="learning rate of every method")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4)
     p.add_argument("--out", default="bench_results", help="output directory (bench.md, bench.json, runs/)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="mace_run_train runs at a time (accuracy does not depend on it; step cost is measured "
-                        "separately, in-process)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="mace_run_train runs at a time, one OpenMP thread each (default 2, for 2 cores). Results do "
+                        "not depend on it: every run is seeded, and step cost is measured afterwards, alone")
     p.add_argument("--cost-rounds", dest="cost_rounds", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--no-memory", dest="measure_memory", action="store_false", help="skip the peak-memory part")
     p.add_argument("--freeze", type=int, default=5, help="N of MACE's --freeze for the freeze method")
@@ -153,24 +158,28 @@ def _bench(args: argparse.Namespace) -> str:
     methods = bench_methods.select_methods(method_names, freeze=args.freeze, lora_rank=args.lora_rank,
                                            lora_alpha=args.lora_alpha)
     seeds = args.seeds or mode["seeds"]
-    epochs = args.epochs or mode["epochs"]
-    if epochs < 1:
-        raise ValueError(f"--epochs must be >= 1; got {epochs}")
-    customised = any(getattr(args, k) for k in ("tasks", "cases", "methods", "seeds", "epochs", "train_file"))
     cases = _cases(args, mode, out)
+    # per task: --epochs for all, else the mode's (an int, or a dict per task name)
+    default = mode["epochs"]
+    epochs = {c.task: args.epochs or (default.get(c.task, default["*"]) if isinstance(default, dict) else default)
+              for c in cases}
+    if min(epochs.values()) < 1:
+        raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
+    customised = any(getattr(args, k) for k in ("tasks", "cases", "methods", "seeds", "epochs", "train_file"))
     covers = describe(mode, cases, methods, epochs, list(seeds), customised)
     log.info("mace_sparse bench, %s mode: %s", mode_name, covers)
-    settings = bench_methods.TrainSettings(epochs=epochs, lr=args.lr, batch_size=args.batch_size)
+    settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=args.lr, batch_size=args.batch_size)
     options = bench_runner.BenchOptions(
         methods=methods, seeds=list(seeds), settings=settings, out=out, jobs=args.jobs,
         cost_rounds=args.cost_rounds or mode["cost_rounds"], measure_memory=args.measure_memory,
-        freeze=args.freeze, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        freeze=args.freeze, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, epochs_by_task=epochs,
     )
     results = bench_runner.run_bench(cases, options)
     argv = getattr(args, "argv", None) or list(sys.argv[1:])
     meta = {
         "command": "mace_sparse " + " ".join(argv), "date": datetime.date.today().isoformat(), "mode": mode_name,
-        "covers": covers, "epochs": epochs, "lr": args.lr, "batch_size": args.batch_size, "seeds": list(seeds),
+        "covers": covers, "epochs": _epochs_text(epochs), "epochs_by_task": epochs, "lr": args.lr,
+        "batch_size": args.batch_size, "seeds": list(seeds), "jobs": options.jobs,
         "dtype": settings.dtype, "methods": [m.name for m in methods],
         "method_flags": {m.name: list(m.flags) for m in methods},
         "lambda_presets": bench_methods.LAMBDA_PRESETS, "freeze": args.freeze, "lora_rank": args.lora_rank,
