@@ -177,3 +177,19 @@ def test_epoch_time_from_mace_log():
     ])
     assert median_epoch_seconds(log) == pytest.approx(1.5)
     assert median_epoch_seconds("2026-11-23 07:55:30.000 INFO: Epoch 0: x") is None
+
+
+def test_finished_run_is_reused_and_changed_arguments_rerun(tmp_path, monkeypatch):
+    from mace_sparse.benchmarks import bench_train
+
+    script = tmp_path / "fake_train"
+    script.write_text("#!/bin/sh\necho run >> calls.txt\ntouch model.model\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(bench_train, "mace_run_train_executable", lambda: str(script))
+    run_dir = tmp_path / "run"
+    first = bench_train.run_training(["--seed", "0"], run_dir)
+    again = bench_train.run_training(["--seed", "0"], run_dir)
+    assert first.ok and not first.reused and again.ok and again.reused
+    assert again.wall_s == pytest.approx(first.wall_s)
+    assert bench_train.run_training(["--seed", "1"], run_dir).reused is False
+    assert (run_dir / "calls.txt").read_text().count("run") == 2

@@ -102,6 +102,7 @@ def _execute(jobs: Sequence[_Job], parallel: int) -> None:
         with lock:
             out = job.output
             extra = f", median epoch {out.epoch_s:.2f} s" if out.epoch_s is not None else ""
+            extra += " (finished earlier in this --out: reused)" if out.reused else ""
             LOG.info("run %d/%d: %s seed %d done in %.1f s%s", job.index, job.total, job.method.name, job.seed,
                      out.wall_s, extra)
         if not job.output.ok:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import re
 import shlex
@@ -35,6 +36,7 @@ class TrainOutput:
     epoch_s: Optional[float]
     delta: Optional[Path] = None
     sparsity_json: Optional[Path] = None
+    reused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -70,24 +72,41 @@ def median_epoch_seconds(log_text: str) -> Optional[float]:
     return statistics.median(gaps) if gaps else None
 
 
+DONE_FILE = "bench_run.json"
+
+
 def run_training(args: List[str], run_dir: Path, name: str = "model") -> TrainOutput:
-    """Run ``mace_run_train ARGS`` in ``run_dir`` (created) and return what it produced."""
+    """Run ``mace_run_train ARGS`` in ``run_dir`` (created) and return what it produced.
+
+    A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
+    not repeated: an interrupted benchmark restarted with the same ``--out`` picks up where it stopped.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [mace_run_train_executable(), *args]
-    start = time.perf_counter()
-    with open(run_dir / "command.log", "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.run(cmd, cwd=run_dir, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
+    done = run_dir / DONE_FILE
+    previous = json.loads(done.read_text()) if done.is_file() else None
+    if previous and previous.get("args") == list(args) and (run_dir / f"{name}.model").is_file():
+        returncode, wall, reused = 0, float(previous["wall_s"]), True
+    else:
+        done.unlink(missing_ok=True)
+        reused = False
+        start = time.perf_counter()
+        with open(run_dir / "command.log", "w") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.run(cmd, cwd=run_dir, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        returncode, wall = proc.returncode, time.perf_counter() - start
+        if returncode == 0:
+            done.write_text(json.dumps({"args": list(args), "wall_s": wall}))
     logs = sorted((run_dir / "logs").glob("*_run-*.log")) if (run_dir / "logs").is_dir() else []
     logs = [p for p in logs if not p.name.endswith("_debug.log")]
     epoch_s = median_epoch_seconds(logs[-1].read_text()) if logs else None
     delta = run_dir / f"{name}_sparse_delta.safetensors"
     sparsity = run_dir / f"{name}_sparsity.json"
     return TrainOutput(
-        run_dir=run_dir, model=run_dir / f"{name}.model", returncode=proc.returncode, wall_s=wall, epoch_s=epoch_s,
+        run_dir=run_dir, model=run_dir / f"{name}.model", returncode=returncode, wall_s=wall, epoch_s=epoch_s,
         delta=delta if delta.is_file() else None, sparsity_json=sparsity if sparsity.is_file() else None,
+        reused=reused,
     )
 
 
