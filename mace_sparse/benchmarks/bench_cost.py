@@ -28,9 +28,13 @@ from .bench_methods import Method
 
 @dataclasses.dataclass
 class StepCost:
+    """Median wall-clock step (the table's figure), median process-CPU step (less sensitive to other processes
+    on a shared machine; JSON only), peak live tensor bytes, trainable parameters."""
+
     median_ms: float
     peak_memory_bytes: Optional[int]
     trainable_params: int
+    median_cpu_ms: Optional[float] = None
 
 
 def _setup(key: str, method: Method, base: torch.nn.Module, args, lora_rank: int, lora_alpha: float,
@@ -103,11 +107,12 @@ def measure_step_costs(
             out: Dict[str, StepCost] = {}
             for key, (name, cfg, margs) in setups.items():
                 wall = [t for block in times[key][0] for t in block]
+                cpu = [t for block in times[key][1] for t in block]
                 peak = None
                 if memory:
                     peak = step_cost.measure_peak_memory(name, base, cfg, margs, step, torch.device("cpu"))
                     peak += step_cost.batch_bytes(batch)
-                out[key] = StepCost(statistics.median(wall), peak, trainable[key])
+                out[key] = StepCost(statistics.median(wall), peak, trainable[key], statistics.median(cpu))
     finally:
         torch.set_num_threads(threads)
     return out

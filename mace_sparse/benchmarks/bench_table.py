@@ -82,6 +82,8 @@ def summarize_case(case_result: Dict[str, Any]) -> List[Dict[str, Any]]:
         row["step_ms"] = cost["median_ms"] if cost else None
         row["peak_memory_bytes"] = cost["peak_memory_bytes"] if cost else None
         row["step_time_ratio"] = _ratio(row["step_ms"], full_cost["median_ms"]) if cost and full_cost else None
+        row["step_cpu_time_ratio"] = (_ratio(cost.get("median_cpu_ms"), full_cost.get("median_cpu_ms"))
+                                      if cost and full_cost else None)
         # cross-check only (JSON): the runs' own epoch times, taken sequentially on a machine whose load drifts
         row["epoch_time_ratio_from_log"] = (_ratio(row["epoch_s_from_log"], full["epoch_s_from_log"])
                                             if full else None)

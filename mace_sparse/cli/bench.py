@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 #: computed from what actually ran.
 MODES: Dict[str, Dict[str, Any]] = {
     "quick": {
-        "tasks": ["standin"], "cases": [], "seeds": [0], "epochs": 5, "cost_rounds": 5,
+        "tasks": ["standin"], "cases": [], "seeds": [0], "epochs": 5, "cost_rounds": 10,
         "methods": ["zero-shot", "full", "lora", "freeze", "sparse_str-L-all", "sparse_str-H-all",
                     "sparse_str-H-linear"],
         "note": "a smoke run of the whole pipeline (≤ 10 min on 2 cores), not evidence",
