@@ -193,3 +193,22 @@ def test_finished_run_is_reused_and_changed_arguments_rerun(tmp_path, monkeypatc
     assert again.wall_s == pytest.approx(first.wall_s)
     assert bench_train.run_training(["--seed", "1"], run_dir).reused is False
     assert (run_dir / "calls.txt").read_text().count("run") == 2
+
+
+def test_rmd17_cases_follow_the_expected_file_names(tmp_path):
+    from mace_sparse.benchmarks.bench_tasks import build_task, select_cases
+
+    (tmp_path / "organic.model").write_bytes(b"")
+    task = build_task("rmd17", tmp_path / "organic.model", tmp_path, data_dir=tmp_path / "rmd17")
+    assert [c.label for c in task.cases][:2] == ["rmd17/aspirin/N=50", "rmd17/aspirin/N=200"]
+    assert len(task.cases) == 8 and all(c.molecules and c.e0s == "average" for c in task.cases)
+    aspirin = select_cases(task, ["aspirin/N=50"])
+    assert len(aspirin) == 1 and aspirin[0].train_file == tmp_path / "rmd17" / "aspirin_train.xyz"
+    assert aspirin[0].test_file.name == "aspirin_test.xyz" and aspirin[0].train_size == 50
+    assert aspirin[0].source_test_file.parts[-2:] == ("organic", "test.xyz")
+    with pytest.raises(FileNotFoundError, match="train_file"):
+        aspirin[0].check_files()
+    inorganic = build_task("inorganic", tmp_path / "inorganic.model", tmp_path).cases[0]
+    assert inorganic.train_file.parts[-2:] == ("magnetic_oxides", "train.xyz") and inorganic.e0s == "foundation"
+    magnetic = build_task("magnetic", tmp_path / "inorganic.model", tmp_path).cases[0]
+    assert "--magmom_weight" in magnetic.extra_flags

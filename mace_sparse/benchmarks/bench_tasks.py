@@ -202,28 +202,32 @@ def pretrain_standin_foundation(work_dir: Path, epochs: Optional[int] = None) ->
     return model
 
 
-def standin_task(foundation: Path, data_dir: Optional[Path] = None) -> BenchTask:
+def standin_task(foundation: Path, data_dir: Optional[Path] = None,
+                 source_test_file: Optional[Path] = None) -> BenchTask:
     """EMT bulk-trained foundation fine-tuned on EMT surface slabs; forgetting measured on bulk cells."""
     data_dir = Path(data_dir) if data_dir else DATA_DIR / "emt"
     case = BenchCase(
         task="standin", label="standin/emt-slabs", foundation=Path(foundation),
         train_file=data_dir / "slab_train.xyz", test_file=data_dir / "slab_test.xyz",
-        source_test_file=data_dir / "bulk_test.xyz", valid_fraction=0.2,
+        source_test_file=Path(source_test_file) if source_test_file else data_dir / "bulk_test.xyz",
+        valid_fraction=0.2,
     )
     return BenchTask("standin", "EMT bulk foundation → EMT surface slabs (stand-in)", (case,))
 
 
-#: name -> builder taking (foundation override or None); ``standin`` needs a foundation (pretrained if None).
 TASK_NAMES: Tuple[str, ...] = ("standin", "rmd17", "inorganic", "magnetic")
 
 
-def build_task(name: str, foundation: Optional[Path], work_dir: Path) -> BenchTask:
-    """The task ``name``; ``foundation`` overrides its foundation, ``work_dir`` holds a pretrained stand-in."""
+def build_task(name: str, foundation: Optional[Path], work_dir: Path, data_dir: Optional[Path] = None,
+               source_test_file: Optional[Path] = None) -> BenchTask:
+    """The task ``name``. ``foundation``, ``data_dir`` and ``source_test_file`` override its defaults (None: keep);
+    ``work_dir`` holds the pretrained stand-in foundation."""
     builders: Dict[str, Callable[[], BenchTask]] = {
-        "standin": lambda: standin_task(foundation or pretrain_standin_foundation(work_dir / "standin_foundation")),
-        "rmd17": lambda: rmd17_task(foundation),
-        "inorganic": lambda: inorganic_task(foundation),
-        "magnetic": lambda: magnetic_task(foundation),
+        "standin": lambda: standin_task(
+            foundation or pretrain_standin_foundation(work_dir / "standin_foundation"), data_dir, source_test_file),
+        "rmd17": lambda: rmd17_task(foundation, data_dir, source_test_file),
+        "inorganic": lambda: inorganic_task(foundation, data_dir, source_test_file),
+        "magnetic": lambda: magnetic_task(foundation, data_dir, source_test_file),
     }
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)} (or give --train-file)")

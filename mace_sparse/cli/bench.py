@@ -85,6 +85,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=1.0)
     custom = p.add_argument_group("another foundation or other data")
     custom.add_argument("--foundation", default=None, help="foundation .model replacing the task's (one task)")
+    custom.add_argument("--data-dir", dest="data_dir", default=None,
+                        help="directory with the task's files under their usual names, replacing the bundled one "
+                             "(one task; e.g. <molecule>_train.xyz / <molecule>_test.xyz for rmd17)")
     custom.add_argument("--train-file", dest="train_file", default=None,
                         help="run the custom task on this training file (needs --test-file, --source-test-file "
                              "and --foundation)")
@@ -108,9 +111,15 @@ def _cases(args: argparse.Namespace, mode: Dict[str, Any], out: Path) -> List[An
                                          Path(args.source_test_file), args.train_size, args.molecules, args.e0s)]
     else:
         names = args.tasks or mode["tasks"]
-        if args.foundation and len(names) > 1:
-            raise ValueError("--foundation replaces the foundation of one task; give one --tasks name")
-        tasks = [bench_tasks.build_task(n, Path(args.foundation) if args.foundation else None, out) for n in names]
+        overrides = [f for f in ("foundation", "data_dir", "source_test_file") if getattr(args, f)]
+        if overrides and len(names) > 1:
+            raise ValueError(f"--{overrides[0].replace('_', '-')} applies to one task; give one --tasks name")
+
+        def opt(value: Optional[str]) -> Optional[Path]:
+            return Path(value) if value else None
+
+        tasks = [bench_tasks.build_task(n, opt(args.foundation), out, opt(args.data_dir), opt(args.source_test_file))
+                 for n in names]
     cases = [c for t in tasks for c in bench_tasks.select_cases(t, args.cases or mode["cases"])]
     if not cases:
         raise ValueError("no case matches --cases")
