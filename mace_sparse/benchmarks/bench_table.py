@@ -163,7 +163,7 @@ def _mark(ok: Optional[bool]) -> str:
 def _delta_cell(row: Dict[str, Any]) -> str:
     if row.get("delta_bytes") is None:
         return "–"
-    return f"{row['delta_bytes'] / 1024:.1f} KiB ({_fmt(row.get('delta_percent_of_model'))}%)"
+    return f"{row['delta_bytes']:,.0f} B ({_fmt(row.get('delta_percent_of_model'))}% of .model)"
 
 
 def _target_note(case: Dict[str, Any]) -> str:
@@ -180,7 +180,8 @@ def case_markdown(case: Dict[str, Any]) -> str:
     magnetic = any(row.get("target_magmom_mae") is not None for row in case["rows"])
     head = ["method", "E MAE (meV/atom)"] + (["E MAE (meV/molecule)"] if molecules else []) + [
         "F MAE (meV/Å)", "F × full"] + (["moment MAE (μB)"] if magnetic else []) + [
-        "params changed (%)", "source F MAE (meV/Å)", "forgetting rise (meV/Å)", "rise × full's", "step × full", "peak mem × full", "delta file",
+        "params changed (%)", "source F MAE (meV/Å)", "forgetting rise (meV/Å)", "rise × full's", "step × full",
+        "peak mem × full", "delta file",
     ]
     lines = [
         f"### {info['label']}",
