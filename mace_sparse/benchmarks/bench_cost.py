@@ -37,9 +37,12 @@ class StepCost:
     median_cpu_ms: Optional[float] = None
 
 
-def _setup(key: str, method: Method, base: torch.nn.Module, args, lora_rank: int, lora_alpha: float,
-           freeze: int, granularity: str):
-    """(step_cost set-up name, BenchConfig, MACE args) reproducing ``method``'s training set-up."""
+def _setup(method: Method, args, lora_rank: int, lora_alpha: float, freeze: int, granularity: str):
+    """(step_cost set-up name, BenchConfig, MACE args) reproducing ``method``'s training set-up.
+
+    ``freeze`` is a full fine-tuning set-up with MACE's ``args.freeze`` set: MACE's own ``get_params_options``
+    (called by :func:`step_cost.setup_method`) then freezes the modules exactly as ``mace_run_train`` does.
+    """
     from .step_cost import BenchConfig
 
     cfg = BenchConfig(targets=method.targets or "all", granularity=granularity, lora_rank=lora_rank,
@@ -91,8 +94,7 @@ def measure_step_costs(
             def step(state) -> torch.Tensor:
                 return step_cost.train_step(state, loss_fn, batch, args.clip_grad, torch.device("cpu"))
 
-            setups = {key: _setup(key, m, base, args, lora_rank, lora_alpha, freeze, granularity)
-                      for key, m in by_key.items()}
+            setups = {key: _setup(m, args, lora_rank, lora_alpha, freeze, granularity) for key, m in by_key.items()}
             states: List = []
             for key, (name, cfg, margs) in setups.items():
                 state = dataclasses.replace(step_cost.setup_method(name, base, cfg, margs), name=key)
