@@ -89,7 +89,8 @@ def test_lora_and_freeze_flags_accepted_by_mace_parser():
         bench_methods.train_command(_case(), methods["lora"], 7, settings, "train.xyz"))
     assert lora.lora is True and lora.lora_rank == 8 and lora.lora_alpha == 2.0
     assert lora.multiheads_finetuning is False and lora.seed == 7 and lora.max_num_epochs == 3
-    assert lora.lr == 0.005 and lora.batch_size == 2 and lora.E0s == "average" and lora.foundation_model == str(_case().foundation)
+    assert lora.lr == 0.005 and lora.batch_size == 2 and lora.E0s == "average"
+    assert lora.foundation_model == str(_case().foundation)
     freeze = build_default_arg_parser().parse_args(
         bench_methods.train_command(_case(), methods["freeze"], 0, settings, "train.xyz"))
     assert freeze.freeze == 6 and not freeze.lora

@@ -24,6 +24,9 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 #: Molecules of the rMD17-like set (``mace_sparse.data.rmd17_like.MOLECULES``) and the train sizes of the issue.
 RMD17_MOLECULES: Tuple[str, ...] = ("aspirin", "benzene", "malonaldehyde", "paracetamol")
 RMD17_SIZES: Tuple[int, ...] = (50, 200)
+#: Loss weights the bundled foundations were pretrained with (``mace_sparse.foundations.pretrain``); fine-tuning
+#: keeps them, rather than MACE's default 1:100, so that energies are fitted too.
+FOUNDATION_LOSS_FLAGS: Tuple[str, ...] = ("--energy_weight", "1", "--forces_weight", "10")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,7 @@ def rmd17_task(
         BenchCase(
             task="rmd17", label=f"rmd17/{mol}/N={n}", foundation=foundation,
             train_file=data_dir / f"{mol}_train.xyz", test_file=data_dir / f"{mol}_test.xyz",
-            source_test_file=source, train_size=n, molecules=True, e0s="average",
+            source_test_file=source, train_size=n, molecules=True, e0s="average", extra_flags=FOUNDATION_LOSS_FLAGS,
         )
         for mol in molecules
         for n in sizes
@@ -133,6 +136,7 @@ def inorganic_task(
     case = BenchCase(
         task="inorganic", label="inorganic/tm-oxides", foundation=foundation,
         train_file=data_dir / "train.xyz", test_file=data_dir / "test.xyz", source_test_file=source,
+        extra_flags=FOUNDATION_LOSS_FLAGS,
     )
     return BenchTask("inorganic", "inorganic foundation → distorted mixed TM oxides (CHGNet)", (case,))
 
@@ -149,7 +153,7 @@ def magnetic_task(
     base = inorganic_task(foundation, data_dir, source_test_file).cases[0]
     case = dataclasses.replace(
         base, task="magnetic", label="magnetic/tm-oxides",
-        extra_flags=("--magmom_weight", str(magmom_weight), "--magmoms_key", "REF_magmoms"),
+        extra_flags=(*base.extra_flags, "--magmom_weight", str(magmom_weight), "--magmoms_key", "REF_magmoms"),
     )
     return BenchTask("magnetic", "inorganic foundation → TM oxides with magnetic moments", (case,))
 
