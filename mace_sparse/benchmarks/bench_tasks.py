@@ -81,7 +81,7 @@ class BenchTask:
     cases: Tuple[BenchCase, ...]
 
 
-def _bundled_foundation(name: str) -> Path:
+def bundled_foundation(name: str) -> Path:
     """``mace_sparse.foundations.path(name)``; a clear message while the foundations are not merged yet."""
     try:
         from mace_sparse import foundations
@@ -105,7 +105,7 @@ def rmd17_task(
     The labels come from another level of theory, hence ``--E0s average`` (MACE's least-squares fit of the
     atomic energies to the training set); forgetting is measured on the organic foundation's own test set.
     """
-    foundation = Path(foundation) if foundation else _bundled_foundation("organic")
+    foundation = Path(foundation) if foundation else bundled_foundation("organic")
     data_dir = Path(data_dir) if data_dir else DATA_DIR / "rmd17_like"
     source = Path(source_test_file) if source_test_file else DATA_DIR / "organic" / "test.xyz"
     cases = tuple(
@@ -130,7 +130,7 @@ def inorganic_task(
     Same labeller (CHGNet) as the foundation's data, so the foundation's atomic energies stay (``--E0s
     foundation``); energies and forces only (the magnetic moments are the ``magnetic`` task).
     """
-    foundation = Path(foundation) if foundation else _bundled_foundation("inorganic")
+    foundation = Path(foundation) if foundation else bundled_foundation("inorganic")
     data_dir = Path(data_dir) if data_dir else DATA_DIR / "magnetic_oxides"
     source = Path(source_test_file) if source_test_file else DATA_DIR / "inorganic" / "test.xyz"
     case = BenchCase(

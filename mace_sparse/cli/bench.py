@@ -84,7 +84,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=4)
     p.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=1.0)
     custom = p.add_argument_group("another foundation or other data")
-    custom.add_argument("--foundation", default=None, help="foundation .model replacing the task's (one task)")
+    custom.add_argument("--foundation", default=None,
+                        help="foundation .model (or mace_sparse:<name>) replacing the task's (one task)")
     custom.add_argument("--data-dir", dest="data_dir", default=None,
                         help="directory with the task's files under their usual names, replacing the bundled one "
                              "(one task; e.g. <molecule>_train.xyz / <molecule>_test.xyz for rmd17)")
@@ -100,6 +101,15 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
+def _foundation(value: Optional[str]) -> Optional[Path]:
+    """A path, or ``mace_sparse:<name>`` for a bundled foundation (as in ``mace_run_train --foundation_model``)."""
+    from mace_sparse.benchmarks.bench_tasks import bundled_foundation
+
+    if not value:
+        return None
+    return bundled_foundation(value.split(":", 1)[1]) if value.startswith("mace_sparse:") else Path(value)
+
+
 def _cases(args: argparse.Namespace, mode: Dict[str, Any], out: Path) -> List[Any]:
     from mace_sparse.benchmarks import bench_tasks
 
@@ -107,7 +117,7 @@ def _cases(args: argparse.Namespace, mode: Dict[str, Any], out: Path) -> List[An
         missing = [f for f in ("test_file", "source_test_file", "foundation") if not getattr(args, f)]
         if missing:
             raise ValueError(f"--train-file needs --{missing[0].replace('_', '-')}")
-        tasks = [bench_tasks.custom_task(Path(args.foundation), Path(args.train_file), Path(args.test_file),
+        tasks = [bench_tasks.custom_task(_foundation(args.foundation), Path(args.train_file), Path(args.test_file),
                                          Path(args.source_test_file), args.train_size, args.molecules, args.e0s)]
     else:
         names = args.tasks or mode["tasks"]
@@ -118,8 +128,8 @@ def _cases(args: argparse.Namespace, mode: Dict[str, Any], out: Path) -> List[An
         def opt(value: Optional[str]) -> Optional[Path]:
             return Path(value) if value else None
 
-        tasks = [bench_tasks.build_task(n, opt(args.foundation), out, opt(args.data_dir), opt(args.source_test_file))
-                 for n in names]
+        tasks = [bench_tasks.build_task(n, _foundation(args.foundation), out, opt(args.data_dir),
+                                        opt(args.source_test_file)) for n in names]
     cases = [c for t in tasks for c in bench_tasks.select_cases(t, args.cases or mode["cases"])]
     if not cases:
         raise ValueError("no case matches --cases")
