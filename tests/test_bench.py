@@ -72,7 +72,9 @@ def test_missing_lora_gives_no_verdict_and_markdown_marks():
     assert report["cases"][0]["checks"][0]["force_vs_lora"] is None
     text = bench_table.markdown(report)
     assert "40.0 ± 2.0" in text and "meV/molecule" in text and "✓" in text and "| – |" in text
-    json.dumps(report)
+    report["cases"][0]["runs"][0]["source_force_mae"] = float("nan")
+    assert json.loads(json.dumps(bench_table.json_ready(report), allow_nan=False))["cases"][0]["runs"][0][
+        "source_force_mae"] is None
 
 
 def _case():

@@ -130,6 +130,19 @@ def build_report(case_results: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -
     return {"meta": meta, "cases": cases}
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN/inf replaced by None and paths by strings: bench.json stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 
 

@@ -207,7 +207,7 @@ def _bench(args: argparse.Namespace) -> str:
     report = bench_table.build_report(results, meta)
     text = bench_table.markdown(report)
     (out / "bench.md").write_text(text)
-    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "bench.json").write_text(json.dumps(bench_table.json_ready(report), indent=2, allow_nan=False))
     log.info("wrote %s and %s (%.1f min)", out / "bench.md", out / "bench.json", meta["wall_s"] / 60)
     return text
 
