@@ -88,7 +88,7 @@ def bundled_foundation(name: str) -> Path:
     except ImportError:
         raise FileNotFoundError(
             f"the bundled foundation {name!r} is not available (mace_sparse.foundations is missing); "
-            "use --task standin or --foundation PATH"
+            "run --tasks standin, or give --foundation PATH (and --data-dir DIR)"
         ) from None
     return Path(foundations.path(name))
 
