@@ -39,6 +39,17 @@ MODES: Dict[str, Dict[str, Any]] = {
 }
 
 
+def describe(mode: Dict[str, Any], cases: List[Any], methods: List[Any], epochs: Dict[str, int],
+             seeds: List[int], customised: bool) -> str:
+    """What a run covers, in words (printed at the start and written to bench.md)."""
+    from mace_sparse.benchmarks.bench_methods import METHOD_NAMES
+
+    names = [m.name for m in methods]
+    text = (f"{len(cases)} case(s) ({', '.join(c.label for c in cases)}); {len(names)} of {len(METHOD_NAMES)} "
+            f"methods ({', '.join(names)}); epochs {_epochs_text(epochs)}; {len(seeds)} seed(s) {list(seeds)}")
+    return text + ("; customised by flags" if customised else f"; {mode['note']}")
+
+
 def _epochs_text(epochs: Dict[str, int]) -> str:
     values = set(epochs.values())
     return str(values.pop()) if len(values) == 1 else ", ".join(f"{t}: {n}" for t, n in epochs.items())
