@@ -250,3 +250,23 @@ def test_stage_two_loss_keeps_the_moment_term():
     hooks.swa(container, optimizer=None)
     assert isinstance(container.loss_fn.base, _Zero)  # not wrapped twice
     assert hooks.swa(None, optimizer=None) is None
+
+
+def test_offsets_start_each_element_at_its_mean_training_moment(oxide_foundation, oxide_files):
+    """Like MACE's E0s: with a zeroed MLP the head predicts each element's mean |moment| of the training file."""
+    from mace_sparse.magnetism.data import element_mean_moments
+
+    frames = ase.io.read(oxide_files["train"], ":")
+    means = element_mean_moments([str(oxide_files["train"])], "REF_magmoms")
+    for z, mean in means.items():
+        values = np.concatenate([np.abs(a.arrays["REF_magmoms"][a.numbers == z]) for a in frames
+                                 if "REF_magmoms" in a.arrays])
+        assert mean == pytest.approx(values.mean())
+    model = torch.load(oxide_foundation, weights_only=False).double()
+    head = attach_magnetic_head(model, MagneticConfig(weight=1.0), element_means=means)
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.zero_()
+    atoms = frames[0]
+    out = model(double_batch([atoms], model), training=False, compute_force=False)["magmoms"].detach().numpy()
+    np.testing.assert_allclose(out, [means[int(z)] for z in atoms.numbers], rtol=1e-6)

@@ -12,7 +12,8 @@ and deep-copies.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import math
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -43,7 +44,8 @@ def invariant_feature_index(model: torch.nn.Module) -> List[int]:
 class MagneticHead(torch.nn.Module):
     """MLP from (invariant node features, one-hot element) to one moment per atom, in μB.
 
-    ``signed=False`` returns softplus(x) ≥ 0: magnitudes.
+    ``signed=False`` returns softplus(x) ≥ 0: magnitudes. ``element_offset`` starts each element at its mean
+    training moment (as MACE's E0s do for energies), so the MLP only has to learn how the environment shifts it.
     """
 
     def __init__(self, feature_index: Sequence[int], num_elements: int, hidden: int = 64, signed: bool = False):
@@ -58,10 +60,11 @@ class MagneticHead(torch.nn.Module):
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
+        self.element_offset = torch.nn.Parameter(torch.zeros(num_elements))
 
     def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
         x = torch.cat([node_feats.index_select(-1, self.feature_index), node_attrs.to(node_feats.dtype)], dim=-1)
-        out = self.mlp(x).squeeze(-1)
+        out = self.mlp(x).squeeze(-1) + node_attrs.to(node_feats.dtype) @ self.element_offset
         return out if self.signed else torch.nn.functional.softplus(out)
 
 
@@ -78,8 +81,13 @@ def has_magnetic_head(model: Any) -> bool:
     return isinstance(model, torch.nn.Module) and isinstance(getattr(model, HEAD_NAME, None), MagneticHead)
 
 
-def attach_magnetic_head(model: torch.nn.Module, config: MagneticConfig) -> MagneticHead:
-    """Give a MACE model a trainable moment head (in place) and return the head."""
+def attach_magnetic_head(
+    model: torch.nn.Module, config: MagneticConfig, element_means: Optional[Dict[int, float]] = None
+) -> MagneticHead:
+    """Give a MACE model a trainable moment head (in place) and return the head.
+
+    ``element_means`` (atomic number → mean reference moment in μB) initialises the per-element offsets.
+    """
     if has_magnetic_head(model):
         raise ValueError("the model already carries a magnetic head")
     reference = next(model.parameters())
@@ -89,9 +97,22 @@ def attach_magnetic_head(model: torch.nn.Module, config: MagneticConfig) -> Magn
         hidden=config.hidden,
         signed=config.signed,
     ).to(device=reference.device, dtype=reference.dtype)
+    if element_means:
+        with torch.no_grad():
+            for i, z in enumerate(int(z) for z in model.atomic_numbers):
+                if z in element_means:
+                    head.element_offset[i] = _preactivation(element_means[z], config.signed)
     model.add_module(HEAD_NAME, head)
     model.register_forward_hook(magnetic_forward_hook)
     return head
+
+
+def _preactivation(mean: float, signed: bool) -> float:
+    """The head's pre-activation that yields ``mean`` (inverse softplus for magnitudes)."""
+    if signed:
+        return float(mean)
+    mean = max(abs(float(mean)), 1e-4)
+    return float(mean + math.log(-math.expm1(-mean)))
 
 
 def detach_magnetic_head(model: torch.nn.Module) -> MagneticHead:
