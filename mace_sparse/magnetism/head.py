@@ -51,6 +51,8 @@ class MagneticHead(torch.nn.Module):
     def __init__(self, feature_index: Sequence[int], num_elements: int, hidden: int = 64, signed: bool = False):
         super().__init__()
         self.register_buffer("feature_index", torch.as_tensor(list(feature_index), dtype=torch.long))
+        self.register_buffer("feature_shift", torch.zeros(len(feature_index)))
+        self.register_buffer("feature_scale", torch.ones(len(feature_index)))
         self.signed = bool(signed)
         width = len(feature_index) + num_elements
         self.mlp = torch.nn.Sequential(
@@ -63,7 +65,8 @@ class MagneticHead(torch.nn.Module):
         self.element_offset = torch.nn.Parameter(torch.zeros(num_elements))
 
     def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([node_feats.index_select(-1, self.feature_index), node_attrs.to(node_feats.dtype)], dim=-1)
+        features = (node_feats.index_select(-1, self.feature_index) - self.feature_shift) / self.feature_scale
+        x = torch.cat([features, node_attrs.to(node_feats.dtype)], dim=-1)
         out = self.mlp(x).squeeze(-1) + node_attrs.to(node_feats.dtype) @ self.element_offset
         return out if self.signed else torch.nn.functional.softplus(out)
 
@@ -82,11 +85,15 @@ def has_magnetic_head(model: Any) -> bool:
 
 
 def attach_magnetic_head(
-    model: torch.nn.Module, config: MagneticConfig, element_means: Optional[Dict[int, float]] = None
+    model: torch.nn.Module,
+    config: MagneticConfig,
+    element_means: Optional[Dict[int, float]] = None,
+    frames: Optional[Sequence] = None,
 ) -> MagneticHead:
     """Give a MACE model a trainable moment head (in place) and return the head.
 
-    ``element_means`` (atomic number → mean reference moment in μB) initialises the per-element offsets.
+    ``element_means`` (atomic number → mean reference moment in μB) initialises the per-element offsets;
+    ``frames`` (a sample of training structures) sets the standardisation of the head's input features.
     """
     if has_magnetic_head(model):
         raise ValueError("the model already carries a magnetic head")
@@ -97,6 +104,12 @@ def attach_magnetic_head(
         hidden=config.hidden,
         signed=config.signed,
     ).to(device=reference.device, dtype=reference.dtype)
+    if frames:
+        from .statistics import feature_statistics
+
+        shift, scale = feature_statistics(model, frames, head.feature_index.tolist())
+        head.feature_shift.copy_(shift)
+        head.feature_scale.copy_(scale)
     if element_means:
         with torch.no_grad():
             for i, z in enumerate(int(z) for z in model.atomic_numbers):
