@@ -12,7 +12,6 @@ and deep-copies.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -44,8 +43,10 @@ def invariant_feature_index(model: torch.nn.Module) -> List[int]:
 class MagneticHead(torch.nn.Module):
     """MLP from (invariant node features, one-hot element) to one moment per atom, in μB.
 
-    ``signed=False`` returns softplus(x) ≥ 0: magnitudes. ``element_offset`` starts each element at its mean
-    training moment (as MACE's E0s do for energies), so the MLP only has to learn how the environment shifts it.
+    The moment of an atom of element Z with standardised features x is ``b_Z + w_Z·x + MLP(x, Z)``: a
+    per-element linear map (started from a least-squares fit to the training moments, as MACE starts energies
+    from least-squares E0s) plus an MLP (its last layer starts at zero) that learns what the linear map misses.
+    ``signed=False`` returns the absolute value: magnitudes.
     """
 
     def __init__(self, feature_index: Sequence[int], num_elements: int, hidden: int = 64, signed: bool = False):
@@ -62,13 +63,18 @@ class MagneticHead(torch.nn.Module):
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
+        with torch.no_grad():
+            self.mlp[-1].weight.zero_()
+            self.mlp[-1].bias.zero_()
         self.element_offset = torch.nn.Parameter(torch.zeros(num_elements))
+        self.element_weight = torch.nn.Parameter(torch.zeros(num_elements, len(feature_index)))
 
     def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
         features = (node_feats.index_select(-1, self.feature_index) - self.feature_shift) / self.feature_scale
-        x = torch.cat([features, node_attrs.to(node_feats.dtype)], dim=-1)
-        out = self.mlp(x).squeeze(-1) + node_attrs.to(node_feats.dtype) @ self.element_offset
-        return out if self.signed else torch.nn.functional.softplus(out)
+        attrs = node_attrs.to(node_feats.dtype)
+        linear = attrs @ self.element_offset + ((attrs @ self.element_weight) * features).sum(-1)
+        out = linear + self.mlp(torch.cat([features, attrs], dim=-1)).squeeze(-1)
+        return out if self.signed else out.abs()
 
 
 def magnetic_forward_hook(module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
@@ -105,27 +111,42 @@ def attach_magnetic_head(
         signed=config.signed,
     ).to(device=reference.device, dtype=reference.dtype)
     if frames:
-        from .statistics import feature_statistics
-
-        shift, scale = feature_statistics(model, frames, head.feature_index.tolist())
-        head.feature_shift.copy_(shift)
-        head.feature_scale.copy_(scale)
-    if element_means:
+        _initialise_from_data(model, head, frames, config)
+    elif element_means:
         with torch.no_grad():
             for i, z in enumerate(int(z) for z in model.atomic_numbers):
                 if z in element_means:
-                    head.element_offset[i] = _preactivation(element_means[z], config.signed)
+                    head.element_offset[i] = element_means[z]
     model.add_module(HEAD_NAME, head)
     model.register_forward_hook(magnetic_forward_hook)
     return head
 
 
-def _preactivation(mean: float, signed: bool) -> float:
-    """The head's pre-activation that yields ``mean`` (inverse softplus for magnitudes)."""
-    if signed:
-        return float(mean)
-    mean = max(abs(float(mean)), 1e-4)
-    return float(mean + math.log(-math.expm1(-mean)))
+@torch.no_grad()
+def _initialise_from_data(model: torch.nn.Module, head: MagneticHead, frames: Sequence, config: MagneticConfig) -> None:
+    """Input standardisation from the foundation's features on ``frames``, then the least-squares linear map."""
+    import numpy as np
+
+    from .statistics import node_features, per_element_linear_fit
+
+    features, attrs, used = node_features(model, frames, head.feature_index.tolist())
+    if features.shape[0] < 2:
+        return
+    head.feature_shift.copy_(features.mean(0))
+    head.feature_scale.copy_(features.std(0).clamp_min(1e-6))
+    moments, labelled = [], []
+    for atoms in used:
+        values = atoms.arrays.get(config.key)
+        present = values is not None
+        values = np.zeros(len(atoms)) if values is None else np.asarray(values, dtype=float).reshape(-1)
+        moments.append(values if config.signed else np.abs(values))
+        labelled.append(np.full(len(atoms), present))
+    target = torch.as_tensor(np.concatenate(moments), dtype=features.dtype)
+    mask = torch.as_tensor(np.concatenate(labelled))
+    standardised = (features - head.feature_shift) / head.feature_scale
+    weights, offsets = per_element_linear_fit(standardised, attrs, target, mask)
+    head.element_weight.copy_(weights)
+    head.element_offset.copy_(offsets)
 
 
 def detach_magnetic_head(model: torch.nn.Module) -> MagneticHead:
