@@ -1,0 +1,189 @@
+"""Pretrain a bundled foundation with the real ``mace_run_train`` and write its card.
+
+``python -m mace_sparse.foundations.pretrain organic|inorganic [--epochs N] [--work-dir DIR]``
+
+The command is plain MACE (the mace_sparse start-up hook is switched off with ``MACE_SPARSE_DISABLE=1``), so the
+bundled file is exactly what a user would get by typing the printed command. The model is kept small (≤ 2 MB) so
+that it can ship inside the wheel; its card records the data, the command, the wall time and the errors measured
+on the held-out source test split, which the forgetting benchmarks reuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent / "data"
+SEED = 1
+
+#: Architecture shared by both foundations: 2 interactions, ℓ ≤ 1 messages, correlation 3, 5 Å cutoff.
+ARCH = [
+    "--model", "MACE", "--num_channels", "32", "--max_L", "1", "--max_ell", "3", "--r_max", "5.0",
+    "--num_interactions", "2", "--correlation", "3", "--num_radial_basis", "8", "--radial_MLP", "[32,32,32]",
+]
+TRAINING = [
+    "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--E0s", "average", "--default_dtype", "float64",
+    "--device", "cpu", "--batch_size", "8", "--valid_batch_size", "16", "--valid_fraction", "0.1", "--lr", "0.01",
+    "--ema", "--ema_decay", "0.99", "--error_table", "PerAtomMAE", "--plot", "False", "--seed", str(SEED),
+]
+
+SPECS: Dict[str, Dict] = {
+    "organic": {
+        "data": DATA / "organic",
+        "labeler": "GFN2-xTB (tblite 0.8, neutral closed shell), via `mace_sparse.data.organic_data`",
+        "elements": "H, C, N, O",
+        "epochs": 60,
+        "extra": ["--loss", "weighted", "--energy_weight", "1", "--forces_weight", "10"],
+    },
+    "inorganic": {
+        "data": DATA / "inorganic",
+        "labeler": "CHGNet 0.3.0 (chgnet 0.4.2 wheel), a surrogate of Materials Project PBE/PBE+U, "
+                   "via `mace_sparse.data.inorganic_data`",
+        "elements": "Al, Cu, Ni, Fe, Co, Mn, O",
+        "epochs": 60,
+        "extra": ["--loss", "stress", "--stress_key", "REF_stress", "--energy_weight", "1", "--forces_weight", "10",
+                  "--stress_weight", "100"],
+    },
+}
+
+
+def command(name: str, epochs: int) -> List[str]:
+    """The exact ``mace_run_train`` command line for foundation ``name`` (run inside its work directory)."""
+    spec = SPECS[name]
+    return [
+        "mace_run_train", "--name", name, "--train_file", str(spec["data"] / "train.xyz"),
+        "--test_file", str(spec["data"] / "test.xyz"), "--max_num_epochs", str(epochs), *ARCH, *TRAINING,
+        *spec["extra"],
+    ]
+
+
+def _log_tables(work: Path, name: str) -> str:
+    """The final error tables that mace_run_train printed to its log (train/valid/test, MAE per atom)."""
+    logs = sorted((work / "logs").glob(f"{name}*.log"))
+    text = logs[-1].read_text() if logs else ""
+    start = text.rfind("Error-table on TRAIN")
+    if start < 0:
+        return "(no error table found in the log)"
+    lines = text[start:].splitlines()
+    keep = [re.sub(r"^\S+ \S+ INFO: ", "", ln) for ln in lines if "INFO:" in ln and ("|" in ln or "+" in ln
+                                                                                     or "Error-table" in ln)]
+    return "\n".join(keep)
+
+
+def _card(name: str, cmd: List[str], wall_s: float, model: Path, tables: str, test: Dict, valid: Dict) -> str:
+    spec = SPECS[name]
+    pretty = " ".join(f"'{c}'" if "[" in c else c for c in cmd).replace(str(HERE.parent.parent) + "/", "")
+    return f"""# Bundled foundation `{name}`
+
+Small MACE pretrained here, with the real `mace_run_train` (mace-torch 0.3.16), because no MACE foundation can
+be downloaded in this environment. It is a stand-in for MACE-OFF / MACE-MP in tests, benchmarks and tutorials,
+**not** a production potential. Load it with `--foundation_model mace_sparse:{name}` (resolved by
+`mace_sparse.foundations.resolve`) or `mace_sparse.foundations.path("{name}")`.
+
+| | |
+|---|---|
+| elements | {spec["elements"]} |
+| labels | {spec["labeler"]} |
+| source data | `mace_sparse/data/{spec["data"].name}/train.xyz` ({test["n_train"]} configs, 10% held out for validation), card `mace_sparse/data/{spec["data"].name}/README.md` |
+| source test split | `mace_sparse/data/{spec["data"].name}/test.xyz` ({test["n_configs"]} configs, never trained on) |
+| model file | `{model.name}`, {model.stat().st_size / 1e6:.2f} MB, float64, {test["n_params"]} parameters |
+| pretraining wall time | {wall_s / 60:.1f} min on 1 CPU thread (shared 2-core machine) |
+| seed | {SEED} |
+
+## Errors measured on the held-out source test split (`mace_sparse.foundations.evaluate`)
+
+| split | configs | energy MAE (meV/atom) | force MAE (meV/Å) | force RMSE (meV/Å) |
+|---|---|---|---|---|
+| validation (10% of train) | {valid["n_configs"]} | {valid["energy_mae_mev_per_atom"]:.1f} | {valid["forces_mae_mev_per_A"]:.1f} | {valid["forces_rmse_mev_per_A"]:.1f} |
+| test | {test["n_configs"]} | {test["energy_mae_mev_per_atom"]:.1f} | {test["forces_mae_mev_per_A"]:.1f} | {test["forces_rmse_mev_per_A"]:.1f} |
+
+## Error tables printed by `mace_run_train` at the end of the run
+
+```
+{tables}
+```
+
+## Exact command (run in an empty work directory, `MACE_SPARSE_DISABLE=1 OMP_NUM_THREADS=1`)
+
+```
+{pretty}
+```
+
+Rebuild: `python -m mace_sparse.foundations.pretrain {name}` (rewrites this card and `{name}.model`).
+"""
+
+
+def _valid_frames(work: Path, name: str) -> List:
+    """The validation frames mace_run_train split off (it writes them to ``valid_indices_<seed>.txt``)."""
+    import ase.io
+
+    train = ase.io.read(SPECS[name]["data"] / "train.xyz", ":")
+    files = list(work.glob("valid_indices*.txt"))
+    if not files:
+        return []
+    idx = [int(x) for x in files[0].read_text().split()]
+    return [train[i] for i in idx]
+
+
+def pretrain(name: str, epochs: int | None = None, work_dir: str | None = None) -> Dict:
+    """Train foundation ``name``, copy the model next to this module, evaluate it and write ``<name>.md``."""
+    import ase.io
+
+    from mace_sparse.foundations.evaluate import errors
+
+    if name not in SPECS:
+        raise ValueError(f"unknown foundation {name!r}; valid names: {', '.join(SPECS)}")
+    epochs = epochs or SPECS[name]["epochs"]
+    work = Path(work_dir or f"pretrain_{name}").resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    cmd = command(name, epochs)
+    env = {**os.environ, "MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.time()
+    with open(work / "command.log", "w") as fh:
+        proc = subprocess.run(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        tail = (work / "command.log").read_text().splitlines()[-20:]
+        raise RuntimeError(f"mace_run_train failed ({proc.returncode}):\n" + "\n".join(tail))
+    model = HERE / f"{name}.model"
+    shutil.copyfile(work / f"{name}.model", model)
+    test_frames = ase.io.read(SPECS[name]["data"] / "test.xyz", ":")
+    test = errors(str(model), test_frames)
+    valid = errors(str(model), _valid_frames(work, name)) if _valid_frames(work, name) else {
+        "n_configs": 0, "energy_mae_mev_per_atom": float("nan"), "forces_mae_mev_per_A": float("nan"),
+        "forces_rmse_mev_per_A": float("nan")}
+    import torch
+
+    net = torch.load(model, map_location="cpu", weights_only=False)
+    test["n_params"] = sum(p.numel() for p in net.parameters())
+    test["n_train"] = len(ase.io.read(SPECS[name]["data"] / "train.xyz", ":"))
+    (HERE / f"{name}.md").write_text(_card(name, cmd, wall, model, _log_tables(work, name), test, valid))
+    summary = {"name": name, "wall_s": wall, "size_bytes": model.stat().st_size, "test": test, "valid": valid}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
+def main(argv: List[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(SPECS))
+    parser.add_argument("--epochs", type=int, default=None, help="override the default number of epochs")
+    parser.add_argument("--work-dir", default=None, help="scratch directory for mace_run_train (recreated)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    pretrain(args.name, args.epochs, args.work_dir)
+
+
+if __name__ == "__main__":
+    main()
