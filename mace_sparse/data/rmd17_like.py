@@ -24,8 +24,8 @@ import numpy as np
 SEED = 17
 METHOD = "GFN1-xTB"
 N_TRAIN, N_TEST = 200, 50
-#: MD steps (0.5 fs) between stored frames: 10 fs, longer than the fastest (C–H) vibration period.
-EVERY = 20
+#: MD steps (0.5 fs) between stored frames: 5 fs, about half a C–H stretch period (rMD17 frames are also correlated).
+EVERY = 10
 DEFAULT_DIR = Path(__file__).resolve().parent / "rmd17_like"
 
 XYZ = {
@@ -106,7 +106,7 @@ def trajectory(name: str, seed: int) -> List:
     """N_TRAIN + N_TEST labelled frames of one 500 K GFN1-xTB Langevin trajectory, in time order."""
     from mace_sparse.data._xtb_sampling import md_frames
 
-    frames = md_frames(geometry(name), METHOD, N_TRAIN + N_TEST, EVERY, seed, "md_500K", equilibrate=400)
+    frames = md_frames(geometry(name), METHOD, N_TRAIN + N_TEST, EVERY, seed, "md_500K", equilibrate=200)
     for frame in frames:
         frame.info["molecule"] = name
     return frames

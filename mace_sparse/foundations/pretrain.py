@@ -25,10 +25,12 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
 SEED = 1
 
-#: Architecture shared by both foundations: 2 interactions, ℓ ≤ 1 messages, correlation 3, 5 Å cutoff.
+#: Architecture shared by both foundations: 2 interactions, ℓ ≤ 1 messages, correlation 3, 4.5 Å cutoff.
+#: Sized for the budget of ~20 min on one shared CPU thread: 32 channels with a 5 Å cutoff took ~2 min per
+#: inorganic epoch here; 16 channels, ℓ_sh ≤ 2 and 4.5 Å take ~25 s and give a ~1 MB file.
 ARCH = [
-    "--model", "MACE", "--num_channels", "32", "--max_L", "1", "--max_ell", "3", "--r_max", "5.0",
-    "--num_interactions", "2", "--correlation", "3", "--num_radial_basis", "8", "--radial_MLP", "[32,32,32]",
+    "--model", "MACE", "--num_channels", "16", "--max_L", "1", "--max_ell", "2", "--r_max", "4.5",
+    "--num_interactions", "2", "--correlation", "3", "--num_radial_basis", "8", "--radial_MLP", "[32,32]",
 ]
 TRAINING = [
     "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--E0s", "average", "--default_dtype", "float64",
@@ -41,7 +43,7 @@ SPECS: Dict[str, Dict] = {
         "data": DATA / "organic",
         "labeler": "GFN2-xTB (tblite 0.8, neutral closed shell), via `mace_sparse.data.organic_data`",
         "elements": "H, C, N, O",
-        "epochs": 60,
+        "epochs": 80,
         "extra": ["--loss", "weighted", "--energy_weight", "1", "--forces_weight", "10"],
     },
     "inorganic": {
@@ -49,7 +51,7 @@ SPECS: Dict[str, Dict] = {
         "labeler": "CHGNet 0.3.0 (chgnet 0.4.2 wheel), a surrogate of Materials Project PBE/PBE+U, "
                    "via `mace_sparse.data.inorganic_data`",
         "elements": "Al, Cu, Ni, Fe, Co, Mn, O",
-        "epochs": 60,
+        "epochs": 45,
         "extra": ["--loss", "stress", "--stress_key", "REF_stress", "--energy_weight", "1", "--forces_weight", "10",
                   "--stress_weight", "100"],
     },
