@@ -44,6 +44,7 @@ SPECS: Dict[str, Dict] = {
         "labeler": "GFN2-xTB (tblite 0.8, neutral closed shell), via `mace_sparse.data.organic_data`",
         "elements": "H, C, N, O",
         "epochs": 80,
+        "note": "Trained on energies and forces. Molecules only (no periodic cells, no stress).",
         "extra": ["--loss", "weighted", "--energy_weight", "1", "--forces_weight", "10"],
     },
     "inorganic": {
@@ -52,6 +53,8 @@ SPECS: Dict[str, Dict] = {
                    "via `mace_sparse.data.inorganic_data`",
         "elements": "Al, Cu, Ni, Fe, Co, Mn, O",
         "epochs": 45,
+        "note": "Trained on energies, forces and stress (`--loss stress`). The data also carry CHGNet's per-atom "
+                "magnetic moments (`REF_magmoms`); the foundation is **not** trained on them.",
         "extra": ["--loss", "stress", "--stress_key", "REF_stress", "--energy_weight", "1", "--forces_weight", "10",
                   "--stress_weight", "100"],
     },
@@ -68,20 +71,28 @@ def command(name: str, epochs: int) -> List[str]:
     ]
 
 
-def _log_tables(work: Path, name: str) -> str:
-    """The final error tables that mace_run_train printed to its log (train/valid/test, MAE per atom)."""
-    logs = sorted((work / "logs").glob(f"{name}*.log"))
-    text = logs[-1].read_text() if logs else ""
-    start = text.rfind("Error-table on TRAIN")
+def _log_tables(work: Path) -> str:
+    """The final error tables that mace_run_train printed (train/valid, then test per config_type)."""
+    text = (work / "command.log").read_text()
+    start = text.find("Error-table on TRAIN")
     if start < 0:
         return "(no error table found in the log)"
     lines = text[start:].splitlines()
-    keep = [re.sub(r"^\S+ \S+ INFO: ", "", ln) for ln in lines if "INFO:" in ln and ("|" in ln or "+" in ln
-                                                                                     or "Error-table" in ln)]
+    keep = [re.sub(r"^\S+ \S+ INFO: ", "", ln) for ln in lines if ln.startswith(("|", "+")) or "Error-table" in ln]
     return "\n".join(keep)
 
 
-def _card(name: str, cmd: List[str], wall_s: float, model: Path, tables: str, test: Dict, valid: Dict) -> str:
+def _curve(log: str, points: int = 6) -> str:
+    """A few evenly spaced 'Epoch N' validation lines, so the card shows whether training had converged."""
+    lines = [re.sub(r"^\S+ \S+ INFO: ", "", ln) for ln in log.splitlines() if re.search(r"INFO: (Epoch \d+|Initial)", ln)]
+    if len(lines) <= points:
+        return "\n".join(lines)
+    picks = sorted({round(i * (len(lines) - 1) / (points - 1)) for i in range(points)})
+    return "\n".join(lines[i] for i in picks)
+
+
+def _card(name: str, cmd: List[str], wall_s: float, model: Path, tables: str, test: Dict, valid: Dict,
+          cmd_log: str) -> str:
     spec = SPECS[name]
     pretty = " ".join(f"'{c}'" if "[" in c else c for c in cmd).replace(str(HERE.parent.parent) + "/", "")
     return f"""# Bundled foundation `{name}`
@@ -101,12 +112,20 @@ be downloaded in this environment. It is a stand-in for MACE-OFF / MACE-MP in te
 | pretraining wall time | {wall_s / 60:.1f} min on 1 CPU thread (shared 2-core machine) |
 | seed | {SEED} |
 
-## Errors measured on the held-out source test split (`mace_sparse.foundations.evaluate`)
+{spec["note"]}
+
+## Errors of the bundled model (`mace_sparse.foundations.evaluate`; the test split was never trained on)
 
 | split | configs | energy MAE (meV/atom) | force MAE (meV/Å) | force RMSE (meV/Å) |
 |---|---|---|---|---|
 | validation (10% of train) | {valid["n_configs"]} | {valid["energy_mae_mev_per_atom"]:.1f} | {valid["forces_mae_mev_per_A"]:.1f} | {valid["forces_rmse_mev_per_A"]:.1f} |
 | test | {test["n_configs"]} | {test["energy_mae_mev_per_atom"]:.1f} | {test["forces_mae_mev_per_A"]:.1f} | {test["forces_rmse_mev_per_A"]:.1f} |
+
+## Learning curve (validation, as logged by `mace_run_train`)
+
+```
+{_curve(cmd_log)}
+```
 
 ## Error tables printed by `mace_run_train` at the end of the run
 
@@ -129,27 +148,21 @@ def _valid_frames(work: Path, name: str) -> List:
     import ase.io
 
     train = ase.io.read(SPECS[name]["data"] / "train.xyz", ":")
-    files = list(work.glob("valid_indices*.txt"))
+    files = list(work.glob("*valid_indices*.txt"))
     if not files:
         return []
     idx = [int(x) for x in files[0].read_text().split()]
     return [train[i] for i in idx]
 
 
-def pretrain(name: str, epochs: int | None = None, work_dir: str | None = None) -> Dict:
-    """Train foundation ``name``, copy the model next to this module, evaluate it and write ``<name>.md``."""
-    import ase.io
-
-    from mace_sparse.foundations.evaluate import errors
-
+def train(name: str, epochs: int | None, work: Path) -> float:
+    """Run mace_run_train for ``name`` in a fresh ``work`` directory; copy the model here; return the wall time."""
     if name not in SPECS:
         raise ValueError(f"unknown foundation {name!r}; valid names: {', '.join(SPECS)}")
-    epochs = epochs or SPECS[name]["epochs"]
-    work = Path(work_dir or f"pretrain_{name}").resolve()
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    cmd = command(name, epochs)
+    cmd = command(name, epochs or SPECS[name]["epochs"])
     env = {**os.environ, "MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
@@ -159,23 +172,43 @@ def pretrain(name: str, epochs: int | None = None, work_dir: str | None = None) 
     if proc.returncode != 0:
         tail = (work / "command.log").read_text().splitlines()[-20:]
         raise RuntimeError(f"mace_run_train failed ({proc.returncode}):\n" + "\n".join(tail))
-    model = HERE / f"{name}.model"
-    shutil.copyfile(work / f"{name}.model", model)
-    test_frames = ase.io.read(SPECS[name]["data"] / "test.xyz", ":")
-    test = errors(str(model), test_frames)
-    valid = errors(str(model), _valid_frames(work, name)) if _valid_frames(work, name) else {
-        "n_configs": 0, "energy_mae_mev_per_atom": float("nan"), "forces_mae_mev_per_A": float("nan"),
-        "forces_rmse_mev_per_A": float("nan")}
+    shutil.copyfile(work / f"{name}.model", HERE / f"{name}.model")
+    (work / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    return wall
+
+
+def write_card(name: str, work: Path, epochs: int | None = None) -> Dict:
+    """Evaluate the bundled ``<name>.model`` on validation and test frames and write ``<name>.md``."""
+    import ase.io
     import torch
 
+    from mace_sparse.foundations.evaluate import errors
+
+    model = HERE / f"{name}.model"
+    wall = float((work / "wall_s.txt").read_text())
+    test = errors(str(model), ase.io.read(SPECS[name]["data"] / "test.xyz", ":"))
+    valid_frames = _valid_frames(work, name)
+    valid = errors(str(model), valid_frames) if valid_frames else {
+        "n_configs": 0, "energy_mae_mev_per_atom": float("nan"), "forces_mae_mev_per_A": float("nan"),
+        "forces_rmse_mev_per_A": float("nan")}
     net = torch.load(model, map_location="cpu", weights_only=False)
     test["n_params"] = sum(p.numel() for p in net.parameters())
     test["n_train"] = len(ase.io.read(SPECS[name]["data"] / "train.xyz", ":"))
-    (HERE / f"{name}.md").write_text(_card(name, cmd, wall, model, _log_tables(work, name), test, valid))
+    cmd = command(name, epochs or SPECS[name]["epochs"])
+    (HERE / f"{name}.md").write_text(_card(name, cmd, wall, model, _log_tables(work), test, valid,
+                                                     (work / "command.log").read_text()))
     summary = {"name": name, "wall_s": wall, "size_bytes": model.stat().st_size, "test": test, "valid": valid}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2), flush=True)
     return summary
+
+
+def pretrain(name: str, epochs: int | None = None, work_dir: str | None = None, card_only: bool = False) -> Dict:
+    """Train foundation ``name`` (unless ``card_only``), then evaluate it and write its card."""
+    work = Path(work_dir or f"pretrain_{name}").resolve()
+    if not card_only:
+        train(name, epochs, work)
+    return write_card(name, work, epochs)
 
 
 def main(argv: List[str] | None = None) -> None:
@@ -183,8 +216,10 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("name", choices=sorted(SPECS))
     parser.add_argument("--epochs", type=int, default=None, help="override the default number of epochs")
     parser.add_argument("--work-dir", default=None, help="scratch directory for mace_run_train (recreated)")
+    parser.add_argument("--card-only", action="store_true",
+                        help="do not train: rewrite the card from the bundled model and an existing work dir")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    pretrain(args.name, args.epochs, args.work_dir)
+    pretrain(args.name, args.epochs, args.work_dir, args.card_only)
 
 
 if __name__ == "__main__":
