@@ -4,6 +4,7 @@ their own held-out source test split (force MAE bounds taken from the cards, wit
 from __future__ import annotations
 
 import ase.io
+import numpy as np
 import pytest
 import torch
 
@@ -13,9 +14,10 @@ from mace_sparse.foundations.evaluate import errors
 
 ELEMENTS = {"organic": {1, 6, 7, 8}, "inorganic": {13, 29, 28, 26, 27, 25, 8}}
 DATA = {name: foundations._HERE.parent / "data" / name / "test.xyz" for name in foundations.NAMES}
-#: Force MAE (meV/Å) on the first 3 test configurations must stay below these: the cards report the full-test
-#: MAE (organic FILL, inorganic FILL meV/Å); the bound adds margin for 3 configs and platform round-off.
-FORCE_MAE_BOUND = {"organic": None, "inorganic": None}
+#: Force MAE (meV/Å) on the first 3 test configurations must stay below these. Measured: full test split 95.2
+#: (organic) and 57.4 (inorganic) in the cards; these 3 configurations 123.0 and 29.3. The bounds leave room for
+#: platform round-off but fail for a retrained-and-broken or wrongly bundled model.
+FORCE_MAE_BOUND = {"organic": 200.0, "inorganic": 120.0}
 
 
 @pytest.mark.parametrize("name", foundations.NAMES)
@@ -54,3 +56,6 @@ def test_zero_shot_force_error_on_own_test_split(name):
     frames = ase.io.read(DATA[name], ":3")
     result = errors(str(foundations.path(name)), frames)
     assert result["forces_mae_mev_per_A"] < FORCE_MAE_BOUND[name]
+    # and far better than predicting zero forces (the labels' mean |F| on these frames)
+    zero_force_mae = 1000 * np.mean(np.concatenate([np.abs(a.arrays["REF_forces"]).ravel() for a in frames]))
+    assert result["forces_mae_mev_per_A"] < 0.5 * zero_force_mae

@@ -124,6 +124,9 @@ be downloaded in this environment. It is a stand-in for MACE-OFF / MACE-MP in te
 
 ## Learning curve (validation, as logged by `mace_run_train`)
 
+Training stops at a fixed epoch count chosen for a ~20 min CPU budget, not at convergence: if the last lines
+still fall, a longer run would give a better (but larger-budget) foundation.
+
 ```
 {_curve(cmd_log)}
 ```
