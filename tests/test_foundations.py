@@ -14,10 +14,11 @@ from mace_sparse.foundations.evaluate import errors
 
 ELEMENTS = {"organic": {1, 6, 7, 8}, "inorganic": {13, 29, 28, 26, 27, 25, 8}}
 DATA = {name: foundations._HERE.parent / "data" / name / "test.xyz" for name in foundations.NAMES}
-#: Force MAE (meV/Å) on the first 3 test configurations must stay below these. Measured: full test split 95.2
-#: (organic) and 57.4 (inorganic) in the cards; these 3 configurations 123.0 and 29.3. The bounds leave room for
-#: platform round-off but fail for a retrained-and-broken or wrongly bundled model.
-FORCE_MAE_BOUND = {"organic": 200.0, "inorganic": 120.0}
+#: Force MAE (meV/Å) on the 3 test configurations with the largest forces (all rattled cells) must stay below
+#: these. Measured: full test split 95.2 (organic) and 57.4 (inorganic) in the cards; these 3 configurations 169
+#: and 223, against mean |F| of 2048 and 1206. The bounds leave room for platform round-off but fail for a
+#: broken or wrongly bundled model.
+FORCE_MAE_BOUND = {"organic": 300.0, "inorganic": 400.0}
 
 
 @pytest.mark.parametrize("name", foundations.NAMES)
@@ -51,9 +52,14 @@ def test_missing_file_is_reported_with_the_rebuild_command(monkeypatch, tmp_path
         foundations.path("organic")
 
 
+def _hardest(frames, n):
+    """The ``n`` frames with the largest mean |F|: near-equilibrium cells would make the zero-force check trivial."""
+    return sorted(frames, key=lambda a: -float(np.abs(a.arrays["REF_forces"]).mean()))[:n]
+
+
 @pytest.mark.parametrize("name", foundations.NAMES)
 def test_zero_shot_force_error_on_own_test_split(name):
-    frames = ase.io.read(DATA[name], ":3")
+    frames = _hardest(ase.io.read(DATA[name], ":"), 3)
     result = errors(str(foundations.path(name)), frames)
     assert result["forces_mae_mev_per_A"] < FORCE_MAE_BOUND[name]
     # and far better than predicting zero forces (the labels' mean |F| on these frames)
