@@ -85,7 +85,8 @@ def _log_tables(work: Path) -> str:
 
 def _curve(log: str, points: int = 6) -> str:
     """A few evenly spaced 'Epoch N' validation lines, so the card shows whether training had converged."""
-    lines = [re.sub(r"^\S+ \S+ INFO: ", "", ln) for ln in log.splitlines() if re.search(r"INFO: (Epoch \d+|Initial)", ln)]
+    wanted = re.compile(r"INFO: (Epoch \d+|Initial)")
+    lines = [re.sub(r"^\S+ \S+ INFO: ", "", ln) for ln in log.splitlines() if wanted.search(ln)]
     if len(lines) <= points:
         return "\n".join(lines)
     picks = sorted({round(i * (len(lines) - 1) / (points - 1)) for i in range(points)})
@@ -93,23 +94,23 @@ def _curve(log: str, points: int = 6) -> str:
 
 
 def _card(name: str, cmd: List[str], wall_s: float, model: Path, tables: str, test: Dict, valid: Dict,
-          cmd_log: str) -> str:
+          cmd_log: str, meta: Dict) -> str:
     spec = SPECS[name]
     pretty = " ".join(f"'{c}'" if "[" in c else c for c in cmd).replace(str(HERE.parent.parent) + "/", "")
     return f"""# Bundled foundation `{name}`
 
 Small MACE pretrained here, with the real `mace_run_train` (mace-torch 0.3.16), because no MACE foundation can
 be downloaded in this environment. It is a stand-in for MACE-OFF / MACE-MP in tests, benchmarks and tutorials,
-**not** a production potential. Load it with `--foundation_model mace_sparse:{name}` (resolved by
-`mace_sparse.foundations.resolve`) or `mace_sparse.foundations.path("{name}")`.
+**not** a production potential. Its file is `mace_sparse.foundations.path("{name}")`; mace_sparse's training entry
+points accept `--foundation_model mace_sparse:{name}` (turned into that path by `mace_sparse.foundations.resolve`).
 
 | | |
 |---|---|
 | elements | {spec["elements"]} |
 | labels | {spec["labeler"]} |
-| source data | `mace_sparse/data/{spec["data"].name}/train.xyz` ({test["n_train"]} configs, 10% held out for validation), card `mace_sparse/data/{spec["data"].name}/README.md` |
+| source data | `mace_sparse/data/{spec["data"].name}/train.xyz` ({meta["n_train"]} configs, 10% held out for validation), card `mace_sparse/data/{spec["data"].name}/README.md` |
 | source test split | `mace_sparse/data/{spec["data"].name}/test.xyz` ({test["n_configs"]} configs, never trained on) |
-| model file | `{model.name}`, {model.stat().st_size / 1e6:.2f} MB, float64, {test["n_params"]} parameters |
+| model file | `{model.name}`, {model.stat().st_size / 1e6:.2f} MB, float64, {meta["n_params"]} parameters |
 | pretraining wall time | {wall_s / 60:.1f} min on 1 CPU thread (shared 2-core machine) |
 | seed | {SEED} |
 
@@ -196,12 +197,12 @@ def write_card(name: str, work: Path, epochs: int | None = None) -> Dict:
         "n_configs": 0, "energy_mae_mev_per_atom": float("nan"), "forces_mae_mev_per_A": float("nan"),
         "forces_rmse_mev_per_A": float("nan")}
     net = torch.load(model, map_location="cpu", weights_only=False)
-    test["n_params"] = sum(p.numel() for p in net.parameters())
-    test["n_train"] = len(ase.io.read(SPECS[name]["data"] / "train.xyz", ":"))
+    meta = {"n_params": sum(p.numel() for p in net.parameters()),
+            "n_train": len(ase.io.read(SPECS[name]["data"] / "train.xyz", ":"))}
     cmd = command(name, epochs or SPECS[name]["epochs"])
     (HERE / f"{name}.md").write_text(_card(name, cmd, wall, model, _log_tables(work), test, valid,
-                                                     (work / "command.log").read_text()))
-    summary = {"name": name, "wall_s": wall, "size_bytes": model.stat().st_size, "test": test, "valid": valid}
+                                                     (work / "command.log").read_text(), meta))
+    summary = {"name": name, "wall_s": wall, "size_bytes": model.stat().st_size, **meta, "test": test, "valid": valid}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2), flush=True)
     return summary
