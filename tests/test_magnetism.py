@@ -49,7 +49,10 @@ def test_head_moments_are_invariant_and_permute_with_atoms(oxide_foundation, oxi
                                                            fast_deterministic_torch):
     model = torch.load(oxide_foundation, weights_only=False).double()
     torch.manual_seed(0)
-    attach_magnetic_head(model, MagneticConfig(weight=1.0, signed=True))
+    head = attach_magnetic_head(model, MagneticConfig(weight=1.0, signed=True))
+    with torch.no_grad():  # the head starts from a zero MLP output; give it random weights to test
+        torch.nn.init.normal_(head.mlp[-1].weight)
+        torch.nn.init.normal_(head.element_weight)
     atoms = oxide_frames[0].copy()
     atoms.pbc = False  # a free cluster: rotations need no cell handling
     moved = atoms.copy()
@@ -62,6 +65,23 @@ def test_head_moments_are_invariant_and_permute_with_atoms(oxide_foundation, oxi
     assert m0.shape == (len(atoms),)
     assert m0.std() > 0  # not a constant: the test would be empty otherwise
     torch.testing.assert_close(m1, m0[torch.as_tensor(perm)], rtol=0, atol=1e-10)
+
+
+def test_head_starts_from_a_least_squares_fit_to_the_training_moments(oxide_foundation, oxide_frames):
+    """With training frames, the head starts as the per-element least-squares linear map of the standardised
+    features: before any training it predicts the fitted moments far better than the per-element mean."""
+    from mace_sparse.magnetism.statistics import node_features
+
+    model = torch.load(oxide_foundation, weights_only=False).double()
+    frames = oxide_frames[:16]
+    head = attach_magnetic_head(model, MagneticConfig(weight=1.0), frames=frames)
+    features, attrs, used = node_features(model, frames, head.feature_index.tolist())
+    torch.testing.assert_close(head.feature_shift, features.mean(0))
+    pred = model(double_batch(frames, model), training=False, compute_force=False)["magmoms"].detach().numpy()
+    ref = np.abs(np.concatenate([a.arrays["REF_magmoms"] for a in frames]))
+    symbols = np.concatenate([a.get_chemical_symbols() for a in frames])
+    mean_only = np.abs(ref - np.array([ref[symbols == s].mean() for s in symbols])).mean()
+    assert np.abs(pred - ref).mean() < 0.7 * mean_only
 
 
 def test_magnitude_head_is_non_negative_and_signed_head_is_not(oxide_foundation, oxide_frames):
@@ -250,3 +270,23 @@ def test_stage_two_loss_keeps_the_moment_term():
     hooks.swa(container, optimizer=None)
     assert isinstance(container.loss_fn.base, _Zero)  # not wrapped twice
     assert hooks.swa(None, optimizer=None) is None
+
+
+def test_offsets_start_each_element_at_its_mean_training_moment(oxide_foundation, oxide_files):
+    """Like MACE's E0s: with a zeroed MLP the head predicts each element's mean |moment| of the training file."""
+    from mace_sparse.magnetism.data import element_mean_moments
+
+    frames = ase.io.read(oxide_files["train"], ":")
+    means = element_mean_moments([str(oxide_files["train"])], "REF_magmoms")
+    for z, mean in means.items():
+        values = np.concatenate([np.abs(a.arrays["REF_magmoms"][a.numbers == z]) for a in frames
+                                 if "REF_magmoms" in a.arrays])
+        assert mean == pytest.approx(values.mean())
+    model = torch.load(oxide_foundation, weights_only=False).double()
+    head = attach_magnetic_head(model, MagneticConfig(weight=1.0), element_means=means)
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.zero_()
+    atoms = frames[0]
+    out = model(double_batch([atoms], model), training=False, compute_force=False)["magmoms"].detach().numpy()
+    np.testing.assert_allclose(out, [means[int(z)] for z in atoms.numbers], rtol=1e-6)

@@ -49,7 +49,11 @@ class FineTuneHooks:
         if self.wiring is not None:
             logging.info(f"mace-sparse wiring: {self.wiring}")
         if self.magnetic is not None:
-            head = attach_magnetic_head(model, self.magnetic)
+            from ..magnetism.statistics import training_frames
+
+            train_files = getattr(self.args, "train_file", None) or []
+            train_files = [train_files] if isinstance(train_files, str) else list(train_files)
+            head = attach_magnetic_head(model, self.magnetic, frames=training_frames(train_files, limit=256))
             logging.info("===========MAGNETIC-MOMENT HEAD===========")
             logging.info(f"Magnetic config: {json.dumps(self.magnetic.to_dict())}")
             logging.info(f"Moment head: {sum(p.numel() for p in head.parameters())} trainable parameters")

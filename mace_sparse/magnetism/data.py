@@ -8,7 +8,7 @@ the file has none) and a per-atom ``magmoms_weight`` (0 for those frames), and t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -89,6 +89,26 @@ def check_moment_files(train_files: Iterable[str], other_files: Iterable[str], k
             f"--magmom_weight > 0 but no frame of {', '.join(train_list)} has the per-atom array {key!r}; "
             "pass the right --magmoms_key or set --magmom_weight 0"
         )
+
+
+def element_mean_moments(files: Iterable[str], key: str, signed: bool = False) -> Dict[int, float]:
+    """Mean reference moment per atomic number over the labelled frames of the extxyz ``files``."""
+    import ase.io
+
+    sums: Dict[int, float] = {}
+    counts: Dict[int, int] = {}
+    for path in files:
+        if not _is_xyz(path):
+            continue
+        for atoms in ase.io.iread(path, index=":"):
+            if key not in atoms.arrays:
+                continue
+            values = np.asarray(atoms.arrays[key], dtype=float).reshape(-1)
+            values = values if signed else np.abs(values)
+            for z, value in zip(atoms.numbers, values):
+                sums[int(z)] = sums.get(int(z), 0.0) + float(value)
+                counts[int(z)] = counts.get(int(z), 0) + 1
+    return {z: sums[z] / counts[z] for z in sums}
 
 
 def _is_xyz(path: Optional[str]) -> bool:

@@ -12,7 +12,7 @@ and deep-copies.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -43,12 +43,17 @@ def invariant_feature_index(model: torch.nn.Module) -> List[int]:
 class MagneticHead(torch.nn.Module):
     """MLP from (invariant node features, one-hot element) to one moment per atom, in μB.
 
-    ``signed=False`` returns softplus(x) ≥ 0: magnitudes.
+    The moment of an atom of element Z with standardised features x is ``b_Z + w_Z·x + MLP(x, Z)``: a
+    per-element linear map (started from a least-squares fit to the training moments, as MACE starts energies
+    from least-squares E0s) plus an MLP (its last layer starts at zero) that learns what the linear map misses.
+    ``signed=False`` returns the absolute value: magnitudes.
     """
 
     def __init__(self, feature_index: Sequence[int], num_elements: int, hidden: int = 64, signed: bool = False):
         super().__init__()
         self.register_buffer("feature_index", torch.as_tensor(list(feature_index), dtype=torch.long))
+        self.register_buffer("feature_shift", torch.zeros(len(feature_index)))
+        self.register_buffer("feature_scale", torch.ones(len(feature_index)))
         self.signed = bool(signed)
         width = len(feature_index) + num_elements
         self.mlp = torch.nn.Sequential(
@@ -58,11 +63,18 @@ class MagneticHead(torch.nn.Module):
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
+        with torch.no_grad():
+            self.mlp[-1].weight.zero_()
+            self.mlp[-1].bias.zero_()
+        self.element_offset = torch.nn.Parameter(torch.zeros(num_elements))
+        self.element_weight = torch.nn.Parameter(torch.zeros(num_elements, len(feature_index)))
 
     def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([node_feats.index_select(-1, self.feature_index), node_attrs.to(node_feats.dtype)], dim=-1)
-        out = self.mlp(x).squeeze(-1)
-        return out if self.signed else torch.nn.functional.softplus(out)
+        features = (node_feats.index_select(-1, self.feature_index) - self.feature_shift) / self.feature_scale
+        attrs = node_attrs.to(node_feats.dtype)
+        linear = attrs @ self.element_offset + ((attrs @ self.element_weight) * features).sum(-1)
+        out = linear + self.mlp(torch.cat([features, attrs], dim=-1)).squeeze(-1)
+        return out if self.signed else out.abs()
 
 
 def magnetic_forward_hook(module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
@@ -78,8 +90,17 @@ def has_magnetic_head(model: Any) -> bool:
     return isinstance(model, torch.nn.Module) and isinstance(getattr(model, HEAD_NAME, None), MagneticHead)
 
 
-def attach_magnetic_head(model: torch.nn.Module, config: MagneticConfig) -> MagneticHead:
-    """Give a MACE model a trainable moment head (in place) and return the head."""
+def attach_magnetic_head(
+    model: torch.nn.Module,
+    config: MagneticConfig,
+    element_means: Optional[Dict[int, float]] = None,
+    frames: Optional[Sequence] = None,
+) -> MagneticHead:
+    """Give a MACE model a trainable moment head (in place) and return the head.
+
+    ``element_means`` (atomic number → mean reference moment in μB) initialises the per-element offsets;
+    ``frames`` (a sample of training structures) sets the standardisation of the head's input features.
+    """
     if has_magnetic_head(model):
         raise ValueError("the model already carries a magnetic head")
     reference = next(model.parameters())
@@ -89,9 +110,43 @@ def attach_magnetic_head(model: torch.nn.Module, config: MagneticConfig) -> Magn
         hidden=config.hidden,
         signed=config.signed,
     ).to(device=reference.device, dtype=reference.dtype)
+    if frames:
+        _initialise_from_data(model, head, frames, config)
+    elif element_means:
+        with torch.no_grad():
+            for i, z in enumerate(int(z) for z in model.atomic_numbers):
+                if z in element_means:
+                    head.element_offset[i] = element_means[z]
     model.add_module(HEAD_NAME, head)
     model.register_forward_hook(magnetic_forward_hook)
     return head
+
+
+@torch.no_grad()
+def _initialise_from_data(model: torch.nn.Module, head: MagneticHead, frames: Sequence, config: MagneticConfig) -> None:
+    """Input standardisation from the foundation's features on ``frames``, then the least-squares linear map."""
+    import numpy as np
+
+    from .statistics import node_features, per_element_linear_fit
+
+    features, attrs, used = node_features(model, frames, head.feature_index.tolist())
+    if features.shape[0] < 2:
+        return
+    head.feature_shift.copy_(features.mean(0))
+    head.feature_scale.copy_(features.std(0).clamp_min(1e-6))
+    moments, labelled = [], []
+    for atoms in used:
+        values = atoms.arrays.get(config.key)
+        present = values is not None
+        values = np.zeros(len(atoms)) if values is None else np.asarray(values, dtype=float).reshape(-1)
+        moments.append(values if config.signed else np.abs(values))
+        labelled.append(np.full(len(atoms), present))
+    target = torch.as_tensor(np.concatenate(moments), dtype=features.dtype)
+    mask = torch.as_tensor(np.concatenate(labelled))
+    standardised = (features - head.feature_shift) / head.feature_scale
+    weights, offsets = per_element_linear_fit(standardised, attrs, target, mask)
+    head.element_weight.copy_(weights)
+    head.element_offset.copy_(offsets)
 
 
 def detach_magnetic_head(model: torch.nn.Module) -> MagneticHead:

@@ -1,0 +1,35 @@
+"""Small MACE foundations bundled with the package, for machines that cannot download MACE-MP or MACE-OFF.
+
+``organic`` (H, C, N, O; GFN2-xTB labels) and ``inorganic`` (Al, Cu, Ni, Fe, Co, Mn, O; CHGNet labels) were
+pretrained with the real ``mace_run_train`` by ``python -m mace_sparse.foundations.pretrain NAME``; each has a
+card ``<name>.md`` with its data, command and measured errors. Write ``--foundation_model mace_sparse:organic``
+and pass the string through :func:`resolve` to get the file. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAMES = ("organic", "inorganic")
+PREFIX = "mace_sparse:"
+_HERE = Path(__file__).resolve().parent
+
+
+def path(name: str) -> Path:
+    """The bundled ``.model`` file of foundation ``name`` (one of :data:`NAMES`)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown bundled foundation {name!r}; valid names: {', '.join(NAMES)}")
+    file = _HERE / f"{name}.model"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"bundled foundation {name!r} is missing ({file}); rebuild it with "
+            f"'python -m mace_sparse.foundations.pretrain {name}' or reinstall mace-sparse"
+        )
+    return file
+
+
+def resolve(spec: str) -> str:
+    """Turn ``"mace_sparse:<name>"`` into the bundled file's path; return any other string unchanged."""
+    if isinstance(spec, str) and spec.startswith(PREFIX):
+        return str(path(spec[len(PREFIX):]))
+    return spec
