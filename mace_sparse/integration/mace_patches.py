@@ -62,6 +62,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import sys
 from types import ModuleType
 from pathlib import Path
