@@ -118,7 +118,7 @@ def double_batch(atoms_list, model):
 
 
 #: the bundled CHGNet-labelled magnetic oxide cells (see mace_sparse/data/magnetic_oxides)
-OXIDE_FILE = os.environ.get("MACE_SPARSE_TEST_OXIDES", "")
+OXIDE_FILE = Path(__file__).resolve().parent.parent / "mace_sparse" / "data" / "magnetic_oxides" / "train.xyz"
 
 
 @pytest.fixture(scope="session")

@@ -65,3 +65,19 @@ def test_zero_shot_force_error_on_own_test_split(name):
     # and far better than predicting zero forces (the labels' mean |F| on these frames)
     zero_force_mae = 1000 * np.mean(np.concatenate([np.abs(a.arrays["REF_forces"]).ravel() for a in frames]))
     assert result["forces_mae_mev_per_A"] < 0.5 * zero_force_mae
+
+
+def test_mace_run_train_resolves_bundled_names(tmp_path):
+    """``--foundation_model mace_sparse:<name>`` reaches MACE as the bundled file; a wrong name is one line."""
+    from types import SimpleNamespace
+
+    from mace_sparse.integration.mace_patches import resolve_bundled_foundation
+
+    args = SimpleNamespace(foundation_model="mace_sparse:inorganic")
+    resolve_bundled_foundation(args)
+    assert args.foundation_model == str(foundations.path("inorganic"))
+    args = SimpleNamespace(foundation_model="small")  # MACE's own names pass through untouched
+    resolve_bundled_foundation(args)
+    assert args.foundation_model == "small"
+    with pytest.raises(SystemExit, match="--foundation_model: unknown bundled foundation 'metals'; valid names: organic, inorganic"):
+        resolve_bundled_foundation(SimpleNamespace(foundation_model="mace_sparse:metals"))

@@ -1,8 +1,8 @@
 """The magnetic-moment head: invariance, the loss on mixed data, training inside ``mace_run_train``, the saved
 ``_magnetic.model`` through the ASE calculator and ``mace_sparse predict``, and bad moment labels.
 
-Moments are CHGNet predictions for distorted rocksalt oxides (the bundled set made by
-``python -m mace_sparse.data.magnetic_oxides``).
+Moments are CHGNet predictions for distorted rocksalt oxides: the first frames of the bundled set made by
+``python -m mace_sparse.data.magnetic_oxides``.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def run_variant(settings: MagneticSettings, variant: str, seed: int, work: Path)
         "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--magmoms_key", "REF_magmoms",
         "--max_num_epochs", str(settings.epochs), "--lr", str(settings.lr), "--batch_size", str(settings.batch_size),
         "--seed", str(seed), "--default_dtype", "float64", "--device", "cpu", "--plot", "False",
-        "--multiheads_finetuning", "False", "--eval_interval", "5", *extra,
+        "--multiheads_finetuning", "False", "--eval_interval", "5", "--ema", "--ema_decay", "0.99", *extra,
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -51,6 +51,11 @@ def configs(n: int = N_TRAIN + N_TEST, seed: int = SEED) -> List:
     """``n`` unlabelled (atoms, config_type) pairs in a fixed order."""
     rng = np.random.default_rng(seed)
     return [_cell(rng) for _ in range(n)]
+
+
+def default_files() -> Tuple[Path, Path]:
+    """The bundled ``train.xyz`` and ``test.xyz`` (made by :func:`main` with the default seed)."""
+    return DEFAULT_DIR / "train.xyz", DEFAULT_DIR / "test.xyz"
 
 
 def main(argv: List[str] | None = None) -> Dict[str, Path]:

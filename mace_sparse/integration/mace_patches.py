@@ -62,6 +62,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import sys
 from types import ModuleType
 from pathlib import Path
@@ -180,8 +181,24 @@ def _as_list(value: Any) -> list:
     return [str(value)]
 
 
+def resolve_bundled_foundation(args: Any) -> None:
+    """``mace_sparse:organic`` / ``mace_sparse:inorganic`` → path of the bundled model (in ``args``)."""
+    from ..foundations import resolve
+
+    spec = getattr(args, "foundation_model", None)
+    if isinstance(spec, str):
+        try:
+            args.foundation_model = resolve(spec)
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(f"--foundation_model: {exc}")
+
+
 def validate_run_args(args: Any) -> FineTuneHooks:
-    """Every check of the flags this package adds; the hooks of the run (inactive for MACE's own runs)."""
+    """Every check of the flags this package adds; the hooks of the run (inactive for MACE's own runs).
+
+    ``--foundation_model mace_sparse:<name>`` is turned into the bundled file's path first, for every run.
+    """
+    resolve_bundled_foundation(args)
     sparse = validate_sparse_args(args)
     magnetic = validate_magnetic_args(args)
     if magnetic is not None and sparse is None and getattr(args, "foundation_model", None):
