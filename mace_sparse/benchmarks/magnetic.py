@@ -40,7 +40,8 @@ class MagneticSettings:
     epochs: int = 30
     seeds: Sequence[int] = (0, 1, 2)
     magmom_weight: float = 10.0
-    lr: float = 0.01
+    lr: float = 0.005
+    jobs: int = 1
     batch_size: int = 4
     variants: Sequence[str] = tuple(VARIANTS)
 
@@ -83,15 +84,22 @@ def run_variant(settings: MagneticSettings, variant: str, seed: int, work: Path)
 
 
 def run_benchmark(settings: MagneticSettings, work: Path) -> dict:
+    """Every (variant, seed) run, ``settings.jobs`` at a time (each run is one single-threaded process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = [(variant, seed) for seed in settings.seeds for variant in settings.variants]
     results: Dict[str, List[Dict[str, float]]] = {v: [] for v in settings.variants}
-    total = len(settings.variants) * len(settings.seeds)
-    done = 0
-    for seed in settings.seeds:
-        for variant in settings.variants:
-            done += 1
-            logging.info(f"run {done}/{total}: {variant}, seed {seed}")
-            results[variant].append(run_variant(settings, variant, seed, work))
-            logging.info(f"  -> {json.dumps({k: round(v, 4) for k, v in results[variant][-1].items()})}")
+
+    def one(index: int, variant: str, seed: int) -> Dict[str, float]:
+        logging.info(f"run {index + 1}/{len(plan)}: {variant}, seed {seed}")
+        scores = run_variant(settings, variant, seed, work)
+        logging.info(f"run {index + 1}/{len(plan)} done: {json.dumps({k: round(v, 4) for k, v in scores.items()})}")
+        return scores
+
+    with ThreadPoolExecutor(max_workers=max(1, settings.jobs)) as pool:
+        futures = [pool.submit(one, i, v, s) for i, (v, s) in enumerate(plan)]
+        for (variant, _), future in zip(plan, futures):
+            results[variant].append(future.result())
     return {"settings": dataclasses.asdict(settings), "runs": results, "summary": summarise(results)}
 
 
