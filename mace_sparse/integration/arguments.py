@@ -92,6 +92,10 @@ def add_magnetic_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         *_both("magmom_head_hidden"), dest="magmom_head_hidden", type=int, default=_MAGNETIC_DEFAULTS.hidden,
         help="width of the moment head's hidden layers",
     )
+    group.add_argument(
+        *_both("magmom_head_lr"), dest="magmom_head_lr", type=float, default=None,
+        help="learning rate of the moment head's own optimizer group (default: --lr)",
+    )
     return parser
 
 
@@ -104,6 +108,7 @@ def magnetic_config_from_args(args: argparse.Namespace) -> Optional[MagneticConf
         huber_delta=getattr(args, "magmom_huber_delta", _MAGNETIC_DEFAULTS.huber_delta),
         signed=getattr(args, "magmom_signed", False),
         hidden=getattr(args, "magmom_head_hidden", _MAGNETIC_DEFAULTS.hidden),
+        head_lr=getattr(args, "magmom_head_lr", None),
     )
     return config if config.enabled else None
 

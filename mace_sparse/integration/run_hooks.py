@@ -79,7 +79,10 @@ class FineTuneHooks:
             ids = {id(p) for p in head_params}
             for group in options["params"]:
                 group["params"] = [p for p in group["params"] if id(p) not in ids]
-            options["params"].append({"name": "magnetic_head", "params": head_params, "weight_decay": 0.0})
+            group = {"name": "magnetic_head", "params": head_params, "weight_decay": 0.0}
+            if self.magnetic.head_lr is not None:
+                group["lr"] = self.magnetic.head_lr
+            options["params"].append(group)
         if self.sparse is not None:
             threshold_lr = self.sparse.threshold_lr if self.sparse.threshold_lr is not None else self.args.lr
             options["params"] = optim.add_threshold_group(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 MAGMOM_LOSSES = ("mse", "huber")
 #: extxyz columns that ASE turns into calculator results on reading (they never reach ``atoms.arrays``)
@@ -29,6 +30,7 @@ class MagneticConfig:
     huber_delta: float = 0.01
     signed: bool = False
     hidden: int = 64
+    head_lr: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -44,6 +46,8 @@ class MagneticConfig:
             raise MagneticConfigError(f"--magmom_loss must be one of {', '.join(MAGMOM_LOSSES)} (got {self.loss!r})")
         if not (math.isfinite(self.huber_delta) and self.huber_delta > 0):
             raise MagneticConfigError(f"--magmom_huber_delta must be > 0 (got {self.huber_delta})")
+        if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr > 0):
+            raise MagneticConfigError(f"--magmom_head_lr must be > 0 (got {self.head_lr}); omit it to use --lr")
         if self.hidden < 1:
             raise MagneticConfigError(f"--magmom_head_hidden must be >= 1 (got {self.hidden})")
 
