@@ -11,14 +11,13 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .bench_train import mace_run_train_executable
 from .evaluation import evaluate_file
 
 #: targets of the issue: moment MAE, energy/force ratio to the same fine-tune without head, unchanged backbone
@@ -46,11 +45,6 @@ class MagneticSettings:
     variants: Sequence[str] = tuple(VARIANTS)
 
 
-def _mace_run_train() -> str:
-    found = shutil.which("mace_run_train")
-    return found or str(Path(sys.executable).with_name("mace_run_train"))
-
-
 def run_variant(settings: MagneticSettings, variant: str, seed: int, work: Path) -> Dict[str, float]:
     """One fine-tune through the real ``mace_run_train`` and its scores on the held-out file."""
     name = f"{variant.replace(' ', '').replace(',', '_').replace('+', '_')}_s{seed}"
@@ -58,7 +52,7 @@ def run_variant(settings: MagneticSettings, variant: str, seed: int, work: Path)
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = [flag.format(weight=settings.magmom_weight) for flag in VARIANTS[variant]]
     cmd = [
-        _mace_run_train(), "--name", name, "--foundation_model", settings.foundation,
+        mace_run_train_executable(), "--name", name, "--foundation_model", settings.foundation,
         "--train_file", settings.train_file, "--valid_fraction", "0.1", "--E0s", "foundation",
         "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--magmoms_key", "REF_magmoms",
         "--max_num_epochs", str(settings.epochs), "--lr", str(settings.lr), "--batch_size", str(settings.batch_size),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,10 +63,9 @@ def _run(cmd: List[str], cwd: Path) -> None:
 
 
 def _mace_run_train() -> str:
-    exe = shutil.which("mace_run_train")
-    if exe is None:
-        raise FileNotFoundError("mace_run_train is not on PATH; install mace-torch (pip install mace-torch==0.3.16)")
-    return exe
+    from ..benchmarks.bench_train import mace_run_train_executable
+
+    return mace_run_train_executable()
 
 
 def run(args: argparse.Namespace) -> int:

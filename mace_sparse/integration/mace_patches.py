@@ -71,7 +71,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional
 from ..config import SparseConfig, SparseConfigError
 from ..magnetism.config import MagneticConfig, MagneticConfigError
 from .arguments import add_sparse_arguments, magnetic_config_from_args, sparse_config_from_args
-from .input_checks import check_inputs
+from .input_checks import _as_paths, check_inputs
 from .run_hooks import FineTuneHooks
 
 #: mace-torch releases these patches were written and tested against.
@@ -158,8 +158,8 @@ def validate_magnetic_args(args: Any) -> Optional[MagneticConfig]:
     ]:
         if getattr(args, flag, False):
             _fail(f"the magnetic head (--magmom_weight > 0) cannot be combined with {why}")
-    train_files = _as_list(getattr(args, "train_file", None))
-    others = _as_list(getattr(args, "valid_file", None)) + _as_list(getattr(args, "test_file", None))
+    train_files = _as_paths(getattr(args, "train_file", None))
+    others = _as_paths(getattr(args, "valid_file", None)) + _as_paths(getattr(args, "test_file", None))
     for path in train_files + others:
         if path and not Path(path).suffix.lower() in (".xyz", ".extxyz"):
             _fail(
@@ -171,14 +171,6 @@ def validate_magnetic_args(args: Any) -> Optional[MagneticConfig]:
     except MomentDataError as exc:
         _fail(str(exc))
     return config
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if v]
-    return [str(value)]
 
 
 def resolve_bundled_foundation(args: Any) -> None:
