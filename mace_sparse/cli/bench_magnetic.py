@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import logging
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_benchmark(settings, out / "runs")
     table = markdown_table(report)
     print(table)
-    command = "mace_sparse " + " ".join(sys.argv[1:]) if sys.argv[1:] else "mace_sparse bench-magnetic"
+    command = "mace_sparse " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "mace_sparse bench-magnetic"
     (out / "bench_magnetic.md").write_text(
         f"Measured {datetime.date.today().isoformat()} with `{command}`.\n\n{table}\n")
     (out / "bench_magnetic.json").write_text(json.dumps(report, indent=2))
