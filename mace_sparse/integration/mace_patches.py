@@ -101,6 +101,17 @@ def _fail(message: str) -> None:
     raise SystemExit(f"mace_run_train: error: {message}")
 
 
+def _refuse(args: Any, feature: str, incompatible: list) -> None:
+    """Exit with one line if MACE is not the tested release or a flag ``feature`` cannot honour is set."""
+    try:
+        check_mace_version()
+    except SparseConfigError as exc:
+        _fail(str(exc))
+    for flag, text in incompatible:
+        if getattr(args, flag, False):
+            _fail(f"{feature} cannot be combined with {text}")
+
+
 def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
     """Check the sparse flags, MACE's flags, the foundation, the data and the output dirs; one line on error.
 
@@ -112,20 +123,13 @@ def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
         _fail(str(exc))
     if config is None:
         return None
-    try:
-        check_mace_version()
-    except SparseConfigError as exc:
-        _fail(str(exc))
-    incompatible = [
+    _refuse(args, "--finetune-method sparse_str", [
         ("lbfgs", "--lbfgs (sparse_str needs a gradient-step optimizer; drop --lbfgs)"),
         ("lora", "--lora (choose one fine-tuning method: drop --lora or --finetune-method sparse_str)"),
         ("enable_cueq", "--enable_cueq (sparse_str runs on the e3nn backend; drop --enable_cueq)"),
         ("only_cueq", "--only_cueq (sparse_str runs on the e3nn backend; drop --only_cueq)"),
         ("enable_oeq", "--enable_oeq (sparse_str runs on the e3nn backend; drop --enable_oeq)"),
-    ]
-    for flag, text in incompatible:
-        if getattr(args, flag, False):
-            _fail(f"--finetune-method sparse_str cannot be combined with {text}")
+    ])
     foundation = getattr(args, "foundation_model", None)
     if not foundation:
         _fail("--finetune-method sparse_str needs a pretrained model: add --foundation_model PATH")
@@ -146,18 +150,12 @@ def validate_magnetic_args(args: Any) -> Optional[MagneticConfig]:
         _fail(str(exc))
     if config is None:
         return None
-    try:
-        check_mace_version()
-    except SparseConfigError as exc:
-        _fail(str(exc))
-    for flag, why in [
+    _refuse(args, "the magnetic head (--magmom_weight > 0)", [
         ("lora", "--lora (its merge at save time does not see the head); drop --lora"),
         ("enable_cueq", "--enable_cueq (the head reads e3nn node features); drop --enable_cueq"),
         ("only_cueq", "--only_cueq (the head reads e3nn node features); drop --only_cueq"),
         ("enable_oeq", "--enable_oeq (the head reads e3nn node features); drop --enable_oeq"),
-    ]:
-        if getattr(args, flag, False):
-            _fail(f"the magnetic head (--magmom_weight > 0) cannot be combined with {why}")
+    ])
     train_files = _as_paths(getattr(args, "train_file", None))
     others = _as_paths(getattr(args, "valid_file", None)) + _as_paths(getattr(args, "test_file", None))
     for path in train_files + others:
