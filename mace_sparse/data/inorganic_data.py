@@ -10,7 +10,6 @@ Run ``python -m mace_sparse.data.inorganic_data [OUT_DIR]`` (default: ``mace_spa
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -117,20 +116,11 @@ def configs(seed: int = SEED, n_per_material: int = N_PER_MATERIAL) -> List:
 
 def main(argv: List[str] | None = None) -> Dict[str, Path]:
     """Write ``train.xyz`` and ``test.xyz`` (extxyz) and return their paths."""
-    import ase.io
-
     from mace_sparse.data._chgnet_label import label_all
-    from mace_sparse.data._split import split
+    from mace_sparse.data._split import split, write_train_test
 
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0]) if argv else DEFAULT_DIR
-    out.mkdir(parents=True, exist_ok=True)
     train, test = split(label_all(configs()), seed=SEED, test_fraction=TEST_FRACTION)
-    paths = {"train": out / "train.xyz", "test": out / "test.xyz"}
-    ase.io.write(paths["train"], train, format="extxyz")
-    ase.io.write(paths["test"], test, format="extxyz")
-    print(f"wrote {len(train)} train and {len(test)} test configurations to {out}")
-    return paths
+    return write_train_test(train, test, DEFAULT_DIR, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Run ``python -m mace_sparse.data.magnetic_oxides [OUT_DIR]`` (default: ``mace_sp
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -60,19 +59,11 @@ def default_files() -> Tuple[Path, Path]:
 
 def main(argv: List[str] | None = None) -> Dict[str, Path]:
     """Write ``train.xyz`` (150) and ``test.xyz`` (50) and return their paths."""
-    import ase.io
-
     from mace_sparse.data._chgnet_label import label_all
+    from mace_sparse.data._split import write_train_test
 
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0]) if argv else DEFAULT_DIR
-    out.mkdir(parents=True, exist_ok=True)
     labelled = label_all(configs())
-    paths = {"train": out / "train.xyz", "test": out / "test.xyz"}
-    ase.io.write(paths["train"], labelled[:N_TRAIN], format="extxyz")
-    ase.io.write(paths["test"], labelled[N_TRAIN:], format="extxyz")
-    print(f"wrote {N_TRAIN} train and {len(labelled) - N_TRAIN} test configurations to {out}")
-    return paths
+    return write_train_test(labelled[:N_TRAIN], labelled[N_TRAIN:], DEFAULT_DIR, argv)
 
 
 if __name__ == "__main__":

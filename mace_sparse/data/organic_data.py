@@ -10,13 +10,12 @@ Run ``python -m mace_sparse.data.organic_data [OUT_DIR]`` (default: ``mace_spars
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
 
-from mace_sparse.data._split import split
+from mace_sparse.data._split import split, write_train_test
 
 SEED = 4242
 METHOD = "GFN2-xTB"
@@ -58,17 +57,8 @@ def configs(seed: int = SEED) -> List:
 
 def main(argv: List[str] | None = None) -> Dict[str, Path]:
     """Write ``train.xyz`` and ``test.xyz`` (extxyz) and return their paths."""
-    import ase.io
-
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0]) if argv else DEFAULT_DIR
-    out.mkdir(parents=True, exist_ok=True)
     train, test = split(configs(), seed=SEED)
-    paths = {"train": out / "train.xyz", "test": out / "test.xyz"}
-    ase.io.write(paths["train"], train, format="extxyz")
-    ase.io.write(paths["test"], test, format="extxyz")
-    print(f"wrote {len(train)} train and {len(test)} test configurations to {out}")
-    return paths
+    return write_train_test(train, test, DEFAULT_DIR, argv)
 
 
 if __name__ == "__main__":
