@@ -21,6 +21,7 @@ _EXPORTS = {
     "delta_parameters": "mace_sparse.sparse_model",
     "threshold_parameters": "mace_sparse.sparse_model",
     "add_threshold_group": "mace_sparse.optim",
+    "sparse_param_groups": "mace_sparse.optim",
     "register_threshold_decay": "mace_sparse.optim",
     "save_delta": "mace_sparse.artifacts.delta_file",
     "load_delta": "mace_sparse.artifacts.delta_file",

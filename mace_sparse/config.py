@@ -58,6 +58,8 @@ class SparseConfig:
             towards 0, i.e. of δ towards 0.5: a larger λ_τ holds δ higher, so fewer ΔW entries pass it.
         granularity: ``layer`` (one δ per weight tensor) or ``path`` (one δ per irrep path / instruction).
         delta_eps: κ of the gradient-scaled ΔW update (see ``mace_sparse.optim``); 0 means plain Adam.
+        delta_lr_factor: the latent deltas train at this multiple of the run's learning rate, so that the
+            entries that matter get past δ early in a short fine-tune (measured, ``mace_sparse.optim``).
     """
 
     targets: Tuple[str, ...] = DEFAULT_TARGETS
@@ -66,6 +68,7 @@ class SparseConfig:
     threshold_weight_decay: float = 1.0
     granularity: str = "layer"
     delta_eps: float = 1.0
+    delta_lr_factor: float = 3.0
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
@@ -87,6 +90,10 @@ class SparseConfig:
             )
         if not float(self.delta_eps) >= 0.0:
             raise SparseConfigError(f"--sparse_delta_eps must be >= 0 (0 = plain Adam); got {self.delta_eps}")
+        if not float(self.delta_lr_factor) > 0.0:
+            raise SparseConfigError(
+                f"--sparse_delta_lr_factor must be > 0 (ΔW lr = factor × --lr); got {self.delta_lr_factor}"
+            )
         if self.granularity not in GRANULARITIES:
             raise SparseConfigError(
                 f"--sparse_threshold_granularity must be one of {', '.join(GRANULARITIES)}; "

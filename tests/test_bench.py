@@ -67,7 +67,7 @@ def test_missing_lora_gives_no_verdict_and_markdown_marks():
     case["runs"] = [r for r in case["runs"] if r["method"] != "lora"]
     report = bench_table.build_report([case], {
         "date": "d", "command": "mace_sparse bench", "mode": "quick", "covers": "c", "epochs": 1, "lr": 0.01,
-        "batch_size": 4, "seeds": [0, 1, 2], "dtype": "float64", "lambda_presets": {"L": 0.3, "H": 2.0},
+        "batch_size": 4, "seeds": [0, 1, 2], "dtype": "float64", "sparse_presets": {"L": {"lambda_tau": 0.3, "delta_eps": 1.0}, "H": {"lambda_tau": 2.0, "delta_eps": 3.0}},
         "lora_rank": 4, "lora_alpha": 1.0, "freeze": 5, "wall_s": 60.0})
     assert report["cases"][0]["checks"][0]["force_vs_lora"] is None
     text = bench_table.markdown(report)
@@ -111,8 +111,11 @@ def test_sparse_flags_accepted_with_the_plugin():
         args = parser.parse_args(bench_methods.train_command(_case(), methods[name], 0, settings, "train.xyz"))
         assert args.finetune_method == methods[name].kind
     args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-L-linear"], 0, settings, "x"))
-    assert args.sparse_threshold_weight_decay == bench_methods.LAMBDA_PRESETS["L"]
+    assert args.sparse_threshold_weight_decay == bench_methods.SPARSE_PRESETS["L"]["lambda_tau"]
+    assert args.sparse_delta_eps == bench_methods.SPARSE_PRESETS["L"]["delta_eps"]
     assert "linear" in str(args.sparse_targets)
+    args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-H-all"], 0, settings, "x"))
+    assert (args.sparse_threshold_weight_decay, args.sparse_delta_eps) == (2.0, 3.0)
     with pytest.raises(ValueError):
         bench_methods.train_command(_case(), methods["zero-shot"], 0, settings, "x")
     with pytest.raises(ValueError, match="unknown method"):

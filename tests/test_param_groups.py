@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mace_sparse import optim
+from mace_sparse.config import SparseConfig, SparseConfigError
 from mace_sparse.integration.arguments import add_sparse_arguments, sparse_config_from_args
 from mace_sparse.integration.mace_patches import sparse_run_patches
 from mace_sparse.sparse_model import delta_parameters, get_sparse_model, threshold_parameters
@@ -57,8 +58,13 @@ def group(optimizer, name):
     return found[0]
 
 
+#: The latent deltas train at this multiple of --lr by default; the thresholds at --sparse_threshold_lr.
+FACTOR = SparseConfig().delta_lr_factor
+
+
 def lr_ratio(optimizer):
-    return group(optimizer, optim.GROUP_NAME)["lr"] / group(optimizer, "readouts")["lr"]
+    """Threshold lr over the run's lr (the delta groups run at FACTOR × the run's lr)."""
+    return group(optimizer, optim.GROUP_NAME)["lr"] / (group(optimizer, "readouts")["lr"] / FACTOR)
 
 
 # ------------------------------------------------------------------------------------------- the groups
@@ -85,7 +91,8 @@ def test_thresholds_have_their_own_group(run_train, foundation_model, extra, exp
     assert [id(p) for p in thr["params"]] == [id(p) for p in threshold_parameters(model)]
     for g in optimizer.param_groups:
         if g is not thr:
-            assert g["lr"] == args.lr
+            assert g["lr"] == pytest.approx(FACTOR * args.lr, rel=1e-15)
+            assert g[optim.DELTA_GROUP_KEY] is True
             assert optim.DECAY_KEY not in g
 
     # every ΔW is in exactly one MACE group; no score and no frozen tensor outside the threshold group
@@ -96,6 +103,30 @@ def test_thresholds_have_their_own_group(run_train, foundation_model, extra, exp
     assert len(optimizer._optimizer_step_pre_hooks) == 1
     optim.register_threshold_decay(optimizer)  # idempotent
     assert len(optimizer._optimizer_step_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("factor", [1.0, 3.0, 10.0])
+def test_delta_groups_train_at_factor_times_lr(run_train, foundation_model, factor):
+    """--sparse_delta_lr_factor sets every ΔW group's lr; the thresholds keep --lr (or their own flag)."""
+    args, model, optimizer, _ = sparse_setup(
+        run_train, foundation_model, "--lr", "0.02", "--sparse_delta_lr_factor", str(factor))
+    assert sparse_config_from_args(args).delta_lr_factor == factor
+    deltas = [g for g in optimizer.param_groups if g.get(optim.DELTA_GROUP_KEY)]
+    assert [g["name"] for g in deltas] == MACE_GROUPS
+    assert all(g["lr"] == pytest.approx(0.02 * factor, rel=1e-15) for g in deltas)
+    assert group(optimizer, optim.GROUP_NAME)["lr"] == 0.02
+    # one Adam step from ΔW = 0 with a constant gradient moves every entry by exactly its group's lr
+    optimizer.zero_grad(set_to_none=True)
+    sum(d.sum() for d in delta_parameters(model)).backward()
+    optimizer.step()
+    moved = torch.cat([d.detach().flatten().abs() for d in delta_parameters(model)])
+    # gradient-scaled update (κ = 1): |g| = RMS = 1 → Adam's step is lr·1/(1 + κ) = lr/2
+    assert torch.allclose(moved, torch.full_like(moved, 0.02 * factor / 2), rtol=1e-6)
+
+
+def test_delta_lr_factor_must_be_positive():
+    with pytest.raises(SparseConfigError, match="--sparse_delta_lr_factor must be > 0"):
+        SparseConfig(delta_lr_factor=0.0)
 
 
 def test_add_threshold_group_moves_scores_out_of_existing_groups(foundation_model):
@@ -189,7 +220,7 @@ def test_ratio_survives_exponential_lr(run_train, foundation_model):
     for _ in range(5):
         optimizer.step()
         scheduler.step(metrics=1.0, epoch=None)
-    assert group(optimizer, "readouts")["lr"] == pytest.approx(0.01 * 0.8**5, rel=1e-12)
+    assert group(optimizer, "readouts")["lr"] == pytest.approx(FACTOR * 0.01 * 0.8**5, rel=1e-12)
     assert group(optimizer, optim.GROUP_NAME)["lr"] == pytest.approx(0.004 * 0.8**5, rel=1e-12)
     assert lr_ratio(optimizer) == pytest.approx(0.4, rel=1e-12)
 
@@ -202,7 +233,7 @@ def test_ratio_survives_reduce_lr_on_plateau(run_train, foundation_model):
     assert lr_ratio(optimizer) == pytest.approx(3.0, rel=1e-12)
     for loss in (1.0, 2.0, 3.0, 4.0):  # never improves: one reduction per step after the first
         scheduler.step(metrics=loss)
-    assert group(optimizer, "readouts")["lr"] == pytest.approx(0.01 * 0.5**3, rel=1e-12)
+    assert group(optimizer, "readouts")["lr"] == pytest.approx(FACTOR * 0.01 * 0.5**3, rel=1e-12)
     assert lr_ratio(optimizer) == pytest.approx(3.0, rel=1e-12)
 
 
@@ -222,13 +253,13 @@ def test_swalr_keeps_ratio_through_mace_get_swa(run_train, foundation_model, sch
         swa, swas = run_train.get_swa(args, model, optimizer, [False], False)
     assert swas == [False, True]
     thr, other = group(optimizer, optim.GROUP_NAME), group(optimizer, "readouts")
-    assert other["swa_lr"] == pytest.approx(0.001, rel=1e-12)
+    assert other["swa_lr"] == pytest.approx(0.001 * FACTOR, rel=1e-12)  # the deltas keep their factor too
     assert thr["swa_lr"] == pytest.approx(0.001 * 0.2, rel=1e-12)
     # MACE steps SWALR once per stage-two epoch (anneal_epochs=1): afterwards every group sits at its swa_lr
     for _ in range(3):
         optimizer.step()
         swa.scheduler.step()
-    assert other["lr"] == pytest.approx(0.001, rel=1e-12)
+    assert other["lr"] == pytest.approx(0.001 * FACTOR, rel=1e-12)
     assert thr["lr"] == pytest.approx(0.0002, rel=1e-12)
     assert lr_ratio(optimizer) == pytest.approx(0.2, rel=1e-12)
 

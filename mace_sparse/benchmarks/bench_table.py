@@ -230,6 +230,13 @@ def case_markdown(case: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _presets_text(meta: Dict[str, Any]) -> str:
+    """``L: λ_τ 0.3, κ 1.0; H: ...`` (older result files carry λ_τ only, as ``lambda_presets``)."""
+    if "sparse_presets" in meta:
+        return "; ".join(f"{name}: λ_τ {p['lambda_tau']}, κ {p['delta_eps']}" for name, p in meta["sparse_presets"].items())
+    return "; ".join(f"{name}: λ_τ {lam}" for name, lam in meta["lambda_presets"].items())
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """``bench.md``: how it was run, then one section per case."""
     meta = report["meta"]
@@ -237,7 +244,7 @@ def markdown(report: Dict[str, Any]) -> str:
         f"Measured {meta['date']} with `{meta['command']}` ({meta['mode']} mode: {meta['covers']}).",
         "",
         f"Epochs {meta['epochs']}, lr {meta['lr']}, batch size {meta['batch_size']}, seeds {meta['seeds']}, "
-        f"{meta['dtype']}, `--multiheads_finetuning False`; sparse_str λ_τ presets {meta['lambda_presets']}, "
+        f"{meta['dtype']}, `--multiheads_finetuning False`; sparse_str presets {_presets_text(meta)}, "
         f"LoRA rank {meta['lora_rank']} alpha {meta['lora_alpha']}, `--freeze {meta['freeze']}`. "
         "Errors are mean absolute errors on the held-out target test set (mean ± std over seeds), evaluated in "
         "float64 with the saved models. \"params changed\": parameter entries that differ bitwise from the "

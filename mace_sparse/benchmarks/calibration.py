@@ -111,8 +111,7 @@ def fine_tune(foundation, settings: Optional[dict], seed: int, epochs: int, lr: 
         config = SparseConfig(**settings)
         get_sparse_model(model, config)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
-        groups = optim.add_threshold_group(groups, model, config.threshold_lr or lr, config.threshold_weight_decay,
-                                           config.delta_eps)
+        groups = optim.sparse_param_groups(groups, model, config, lr)
     optimizer = torch.optim.Adam(groups, lr=lr, amsgrad=True)
     optim.register_threshold_decay(optimizer)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9993)

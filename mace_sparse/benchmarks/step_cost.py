@@ -383,16 +383,13 @@ def setup_method(name: str, base_model: torch.nn.Module, cfg: BenchConfig, args:
         optimizer = get_optimizer(args, get_params_options(args, model))
     elif name == "sparse_str":
         from mace_sparse.config import SparseConfig
-        from mace_sparse.optim import add_threshold_group, register_threshold_decay
+        from mace_sparse.optim import register_threshold_decay, sparse_param_groups
         from mace_sparse.sparse_model import get_sparse_model
 
         sparse_cfg = SparseConfig(targets=cfg.targets, granularity=cfg.granularity)
         model = get_sparse_model(model, sparse_cfg)
         options = get_params_options(args, model)
-        threshold_lr = sparse_cfg.threshold_lr if sparse_cfg.threshold_lr is not None else args.lr
-        options["params"] = add_threshold_group(
-            options["params"], model, threshold_lr, sparse_cfg.threshold_weight_decay, sparse_cfg.delta_eps
-        )
+        options["params"] = sparse_param_groups(options["params"], model, sparse_cfg, args.lr)
         optimizer = register_threshold_decay(get_optimizer(args, options))
     elif name == "lora":
         from mace.modules.lora import inject_LoRAs

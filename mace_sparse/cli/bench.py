@@ -204,7 +204,7 @@ def _bench(args: argparse.Namespace) -> str:
         "batch_size": args.batch_size, "seeds": list(seeds), "jobs": options.jobs,
         "dtype": settings.dtype, "methods": [m.name for m in methods],
         "method_flags": {m.name: list(m.flags) for m in methods},
-        "lambda_presets": bench_methods.LAMBDA_PRESETS, "freeze": args.freeze, "lora_rank": args.lora_rank,
+        "sparse_presets": bench_methods.SPARSE_PRESETS, "freeze": args.freeze, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "wall_s": time.perf_counter() - start, "environment": _environment(),
     }
     report = bench_table.build_report(results, meta)

@@ -61,6 +61,11 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="kappa of the gradient-scaled delta update: delta gradients are divided by their RMS and Adam's "
         "eps is kappa, so entries move in proportion to their gradient's size (0 = plain Adam)",
     )
+    group.add_argument(
+        *_both("sparse_delta_lr_factor"), dest="sparse_delta_lr_factor", type=float,
+        default=_DEFAULTS.delta_lr_factor,
+        help="the latent deltas train at this multiple of --lr (the thresholds at --sparse_threshold_lr)",
+    )
     add_magnetic_arguments(parser)
     return parser
 
@@ -124,6 +129,7 @@ def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
         threshold_weight_decay=args.sparse_threshold_weight_decay,
         granularity=args.sparse_threshold_granularity,
         delta_eps=args.sparse_delta_eps,
+        delta_lr_factor=args.sparse_delta_lr_factor,
     )
 
 

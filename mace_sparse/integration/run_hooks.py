@@ -84,10 +84,7 @@ class FineTuneHooks:
                 group["lr"] = self.magnetic.head_lr
             options["params"].append(group)
         if self.sparse is not None:
-            threshold_lr = self.sparse.threshold_lr if self.sparse.threshold_lr is not None else self.args.lr
-            options["params"] = optim.add_threshold_group(
-                options["params"], module, threshold_lr, self.sparse.threshold_weight_decay, self.sparse.delta_eps
-            )
+            options["params"] = optim.sparse_param_groups(options["params"], module, self.sparse, self.args.lr)
         return options
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
