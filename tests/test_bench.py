@@ -122,6 +122,32 @@ def test_sparse_flags_accepted_with_the_plugin():
         bench_methods.select_methods(["nope"])
 
 
+def test_sparse_flags_override_the_presets_of_sparse_methods_only():
+    from mace.tools import build_default_arg_parser
+
+    from mace_sparse.integration.arguments import add_sparse_arguments
+
+    extra = bench_methods.parse_sparse_flags("--sparse_delta_lr_factor 1 --sparse-delta-eps=0.5")
+    methods = bench_methods.all_methods(sparse_flags=extra)
+    assert methods["full"].flags == bench_methods.all_methods()["full"].flags
+    assert methods["lora"].flags == bench_methods.all_methods()["lora"].flags
+    parser = add_sparse_arguments(build_default_arg_parser())
+    settings = bench_methods.TrainSettings(epochs=1)
+    args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-H-all"], 0, settings, "x"))
+    assert (args.sparse_delta_lr_factor, args.sparse_delta_eps) == (1.0, 0.5)  # the later flag wins
+    assert args.sparse_threshold_weight_decay == bench_methods.SPARSE_PRESETS["H"]["lambda_tau"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("--sparse_delta_lr_factr 1", "'--sparse_delta_lr_factr' is not a sparse_str tuning flag"),
+    ("--sparse_targets linear", "'--sparse_targets' is not a sparse_str tuning flag"),
+    ("--sparse_delta_eps abc", "--sparse-flags: argument .*--sparse_delta_eps: invalid float value"),
+])
+def test_bad_sparse_flags_are_refused_before_any_run(text, match):
+    with pytest.raises(ValueError, match=match):
+        bench_methods.parse_sparse_flags(text)
+
+
 def test_bench_end_to_end(tmp_path, tiny_foundation, emt_data):
     """Zero-shot and one sparse_str method, one epoch, through the real mace_run_train (one subprocess: the
     sparse run's delta gives the step-0 reference, and a full step is timed in-process for the ratios)."""

@@ -65,10 +65,39 @@ class Method:
         return self.kind != ZERO_SHOT
 
 
+def parse_sparse_flags(text: str) -> Tuple[str, ...]:
+    """``--sparse-flags`` of ``mace_sparse bench``: extra ``--sparse_*`` flags for every sparse_str method.
+
+    They are checked against the plugin's own flags here, so a typo stops the benchmark before its first run
+    rather than inside every ``mace_run_train``.
+    """
+    import argparse
+    import shlex
+
+    from mace_sparse.integration.arguments import add_sparse_arguments
+
+    tokens = tuple(shlex.split(text or ""))
+    parser = add_sparse_arguments(argparse.ArgumentParser(add_help=False, exit_on_error=False))
+    try:
+        _, unknown = parser.parse_known_args(list(tokens))
+    except argparse.ArgumentError as exc:
+        raise ValueError(f"--sparse-flags: {exc}") from None
+    bad = [t for t in tokens if t.startswith("-") and t.split("=", 1)[0].replace("-", "_").strip("_") in
+           ("finetune_method", "sparse_targets")] or unknown
+    if bad:
+        raise ValueError(
+            f"--sparse-flags: {bad[0]!r} is not a sparse_str tuning flag; give --sparse_* flags of "
+            "mace_run_train other than --sparse_targets (e.g. --sparse-flags='--sparse_delta_lr_factor 1')"
+        )
+    return tokens
+
+
 def all_methods(
-    freeze: int = DEFAULT_FREEZE, lora_rank: int = DEFAULT_LORA_RANK, lora_alpha: float = DEFAULT_LORA_ALPHA
+    freeze: int = DEFAULT_FREEZE, lora_rank: int = DEFAULT_LORA_RANK, lora_alpha: float = DEFAULT_LORA_ALPHA,
+    sparse_flags: Sequence[str] = (),
 ) -> Dict[str, Method]:
-    """Every method by name, in report order."""
+    """Every method by name, in report order; ``sparse_flags`` are appended to every sparse_str method's flags
+    (later flags win in ``mace_run_train``, so they override a preset's)."""
     methods: List[Method] = [
         Method(ZERO_SHOT, ZERO_SHOT, (), None),
         Method("full", "full", ("--finetune_method", "full"), "full"),
@@ -81,7 +110,7 @@ def all_methods(
             methods.append(Method(
                 f"sparse_str-{preset}-{targets}", "sparse_str",
                 ("--finetune_method", "sparse_str", "--sparse_threshold_weight_decay", str(values["lambda_tau"]),
-                 "--sparse_delta_eps", str(values["delta_eps"]), "--sparse_targets", targets),
+                 "--sparse_delta_eps", str(values["delta_eps"]), "--sparse_targets", targets, *sparse_flags),
                 f"sparse_str-{targets}", lambda_tau=values["lambda_tau"], targets=targets,
             ))
     return {m.name: m for m in methods}

@@ -84,6 +84,10 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--freeze", type=int, default=5, help="N of MACE's --freeze for the freeze method")
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=4)
     p.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=1.0)
+    p.add_argument("--sparse-flags", dest="sparse_flags", default="",
+                   help="extra mace_run_train --sparse_* flags for every sparse_str method, overriding the presets "
+                        "(e.g. --sparse-flags='--sparse_delta_lr_factor 1'): how the README's tuning "
+                        "comparisons were run")
     custom = p.add_argument_group("another foundation or other data")
     custom.add_argument("--foundation", default=None,
                         help="foundation .model (or mace_sparse:<name>) replacing the task's (one task)")
@@ -178,7 +182,8 @@ def _bench(args: argparse.Namespace) -> str:
         log.warning("full fine-tuning is not among the methods: the accuracy and forgetting ratios to it stay "
                     "empty (step time and memory are still measured against a full step)")
     methods = bench_methods.select_methods(method_names, freeze=args.freeze, lora_rank=args.lora_rank,
-                                           lora_alpha=args.lora_alpha)
+                                           lora_alpha=args.lora_alpha,
+                                           sparse_flags=bench_methods.parse_sparse_flags(args.sparse_flags))
     seeds = args.seeds or mode["seeds"]
     cases = _cases(args, mode, out)
     # per task: --epochs for all, else the mode's (an int, or a dict per task name)
@@ -187,7 +192,8 @@ def _bench(args: argparse.Namespace) -> str:
               for c in cases}
     if min(epochs.values()) < 1:
         raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
-    customised = any(getattr(args, k) for k in ("tasks", "cases", "methods", "seeds", "epochs", "train_file"))
+    customised = any(getattr(args, k) for k in ("tasks", "cases", "methods", "seeds", "epochs", "train_file",
+                                                 "sparse_flags"))
     covers = describe(mode, cases, methods, epochs, list(seeds), customised)
     log.info("mace_sparse bench, %s mode: %s", mode_name, covers)
     settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=args.lr, batch_size=args.batch_size)
