@@ -77,6 +77,32 @@ def test_missing_lora_gives_no_verdict_and_markdown_marks():
         "source_force_mae"] is None
 
 
+def _meta():
+    return {"date": "d", "command": "mace_sparse bench", "mode": "full", "covers": "c", "epochs": 1, "lr": 0.01,
+            "batch_size": 4, "seeds": [0, 1, 2], "dtype": "float64", "lora_rank": 4, "lora_alpha": 1.0,
+            "freeze": 5, "wall_s": 60.0, "sparse_presets": bench_methods.SPARSE_PRESETS}
+
+
+def test_summary_over_cases_means_ratios_and_counts_targets_met(tmp_path, capsys):
+    good = _synthetic_case()
+    bad = _synthetic_case(sparse_target=(43.0, 43.0, 43.0), sparse_source=13.0, sparse_changed=6.0, sparse_ms=120.0)
+    bad["case"] = dict(bad["case"], label="syn2")
+    report = bench_table.build_report([good, bad], _meta())
+    text = bench_table.summary_markdown(report)
+    assert "### Summary over the 2 cases" in text
+    sparse = next(line for line in text.splitlines() if line.startswith("| sparse_str-H-all | 0."))
+    # F × full: 40/44 and 43/44 → mean 0.94 (0.91–0.98); changed 3 and 6 % → 4.50 (3.00–6.00)
+    assert "0.94 (0.91–0.98)" in sparse and "4.50 (3.00–6.00)" in sparse
+    assert "| sparse_str-H-all | 1/2 | 2/2 | 1/2 | 1/2 | 1/2 | 2/2 |" in text
+    assert bench_table.summary_markdown(bench_table.build_report([good], _meta())) == ""  # one case: no summary
+    # bench.md is re-rendered from a run's JSON by the module's command line, summary included
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench_table.json_ready(report), allow_nan=False))
+    assert bench_table.main([str(path)]) == 0
+    assert capsys.readouterr().out == bench_table.markdown(json.loads(path.read_text()))
+    assert "Summary over the 2 cases" in bench_table.markdown(json.loads(path.read_text()))
+
+
 def _case():
     return BenchCase(task="t", label="t/x", foundation="f.model", train_file="train.xyz", test_file="test.xyz",
                      source_test_file="src.xyz", e0s="average")

@@ -230,6 +230,48 @@ def case_markdown(case: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mean_range(values: Sequence[Optional[float]], spec: str) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return _fmt(vals[0], spec)
+    return f"{_fmt(statistics.fmean(vals), spec)} ({_fmt(min(vals), spec)}–{_fmt(max(vals), spec)})"
+
+
+def summary_markdown(report: Dict[str, Any]) -> str:
+    """Every method over all cases of a run: the means (and ranges) of the per-case ratios, and in how many
+    cases each sparse_str row met each target. Empty for a run of one case (its table says it all)."""
+    cases = report["cases"]
+    if len(cases) < 2:
+        return ""
+    rows = [row for case in cases for row in case["rows"]]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    columns = (("target_force_ratio_to_full", "F × full", ".2f"), ("changed_percent", "params changed (%)", ".2f"),
+               ("source_rise_ratio_to_full", "rise × full's", ".2f"), ("step_time_ratio", "step × full", ".2f"),
+               ("peak_memory_ratio", "peak mem × full", ".2f"))
+    lines = [f"### Summary over the {len(cases)} cases", "",
+             "Mean over cases of each case's mean over seeds (min–max over cases in brackets).", "",
+             "| method | " + " | ".join(label for _, label, _ in columns) + " |",
+             "|---|" + "|".join(["---:"] * len(columns)) + "|"]
+    for method in methods:
+        mine = [row for row in rows if row["method"] == method]
+        lines.append(f"| {method} | " + " | ".join(_mean_range([r.get(key) for r in mine], spec)
+                                                    for key, _, spec in columns) + " |")
+    checks = [check for case in cases for check in case["checks"]]
+    if checks:
+        lines += ["", "| sparse_str targets: cases met | " + " | ".join(label for _, label in CHECKS) + " |",
+                  "|---|" + "|".join([":-:"] * len(CHECKS)) + "|"]
+        for method in dict.fromkeys(check["method"] for check in checks):
+            mine = [check for check in checks if check["method"] == method]
+            cells = []
+            for key, _ in CHECKS:
+                known = [check[key] for check in mine if check[key] is not None]
+                cells.append(f"{sum(known)}/{len(known)}" if known else "–")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _presets_text(meta: Dict[str, Any]) -> str:
     """``L: λ_τ 0.3, κ 1.0; H: ...`` (older result files carry λ_τ only, as ``lambda_presets``)."""
     if "sparse_presets" in meta:
@@ -253,6 +295,27 @@ def markdown(report: Dict[str, Any]) -> str:
         "model and batch, timed interleaved in this run (bench-step machinery), as ratios to full fine-tuning.",
         f"Total wall time {meta.get('wall_s', 0) / 60:.1f} min.",
     ]
+    summary = summary_markdown(report)
+    if summary:
+        out += ["", summary]
     for case in report["cases"]:
         out += ["", case_markdown(case)]
     return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m mace_sparse.benchmarks.bench_table BENCH.json``: print bench.md again from a run's JSON (for
+    a run made by an older version of this table)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("json", help="bench.json written by mace_sparse bench")
+    args = parser.parse_args(argv)
+    report = json.loads(Path(args.json).read_text())
+    print(markdown(report), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
