@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -205,7 +206,7 @@ def _bench(args: argparse.Namespace) -> str:
     results = bench_runner.run_bench(cases, options)
     argv = getattr(args, "argv", None) or list(sys.argv[1:])
     meta = {
-        "command": "mace_sparse " + " ".join(argv), "date": datetime.date.today().isoformat(), "mode": mode_name,
+        "command": "mace_sparse " + shlex.join(argv), "date": datetime.date.today().isoformat(), "mode": mode_name,
         "covers": covers, "epochs": _epochs_text(epochs), "epochs_by_task": epochs, "lr": args.lr,
         "batch_size": args.batch_size, "seeds": list(seeds), "jobs": options.jobs,
         "dtype": settings.dtype, "methods": [m.name for m in methods],
