@@ -81,8 +81,10 @@ def parse_sparse_flags(text: str) -> Tuple[str, ...]:
         _, unknown = parser.parse_known_args(list(tokens))
     except argparse.ArgumentError as exc:
         raise ValueError(f"--sparse-flags: {exc}") from None
-    bad = [t for t in tokens if t.startswith("-") and t.split("=", 1)[0].replace("-", "_").strip("_") in
-           ("finetune_method", "sparse_targets")] or unknown
+    # these two would change which method a row is, not how it is tuned
+    method_flags = [t for t in tokens if t.startswith("-") and t.split("=", 1)[0].replace("-", "_").strip("_") in
+                    ("finetune_method", "sparse_targets")]
+    bad = method_flags + unknown
     if bad:
         raise ValueError(
             f"--sparse-flags: {bad[0]!r} is not a sparse_str tuning flag; give --sparse_* flags of "
