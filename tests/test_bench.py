@@ -62,25 +62,22 @@ def test_checks_pass_and_fail():
     assert bad[0]["peak_memory"] is True
 
 
+def _meta():
+    return {"date": "d", "command": "mace_sparse bench", "mode": "full", "covers": "c", "epochs": 1, "lr": 0.01,
+            "batch_size": 4, "seeds": [0, 1, 2], "dtype": "float64", "lora_rank": 4, "lora_alpha": 1.0,
+            "freeze": 5, "wall_s": 60.0, "sparse_presets": bench_methods.SPARSE_PRESETS}
+
+
 def test_missing_lora_gives_no_verdict_and_markdown_marks():
     case = _synthetic_case()
     case["runs"] = [r for r in case["runs"] if r["method"] != "lora"]
-    report = bench_table.build_report([case], {
-        "date": "d", "command": "mace_sparse bench", "mode": "quick", "covers": "c", "epochs": 1, "lr": 0.01,
-        "batch_size": 4, "seeds": [0, 1, 2], "dtype": "float64", "sparse_presets": {"L": {"lambda_tau": 0.3, "delta_eps": 1.0}, "H": {"lambda_tau": 2.0, "delta_eps": 3.0}},
-        "lora_rank": 4, "lora_alpha": 1.0, "freeze": 5, "wall_s": 60.0})
+    report = bench_table.build_report([case], {**_meta(), "mode": "quick"})
     assert report["cases"][0]["checks"][0]["force_vs_lora"] is None
     text = bench_table.markdown(report)
     assert "40.0 ± 2.0" in text and "meV/molecule" in text and "✓" in text and "| – |" in text
     report["cases"][0]["runs"][0]["source_force_mae"] = float("nan")
     assert json.loads(json.dumps(bench_table.json_ready(report), allow_nan=False))["cases"][0]["runs"][0][
         "source_force_mae"] is None
-
-
-def _meta():
-    return {"date": "d", "command": "mace_sparse bench", "mode": "full", "covers": "c", "epochs": 1, "lr": 0.01,
-            "batch_size": 4, "seeds": [0, 1, 2], "dtype": "float64", "lora_rank": 4, "lora_alpha": 1.0,
-            "freeze": 5, "wall_s": 60.0, "sparse_presets": bench_methods.SPARSE_PRESETS}
 
 
 def test_summary_over_cases_means_ratios_and_counts_targets_met(tmp_path, capsys):

@@ -115,7 +115,7 @@ def test_delta_groups_train_at_factor_times_lr(run_train, foundation_model, fact
     assert [g["name"] for g in deltas] == MACE_GROUPS
     assert all(g["lr"] == pytest.approx(0.02 * factor, rel=1e-15) for g in deltas)
     assert group(optimizer, optim.GROUP_NAME)["lr"] == 0.02
-    # one Adam step from ΔW = 0 with a constant gradient moves every entry by exactly its group's lr
+    # one Adam step from ΔW = 0 with a constant gradient moves every entry by the same amount, set by its group's lr
     optimizer.zero_grad(set_to_none=True)
     sum(d.sum() for d in delta_parameters(model)).backward()
     optimizer.step()

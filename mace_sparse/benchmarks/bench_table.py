@@ -275,7 +275,8 @@ def summary_markdown(report: Dict[str, Any]) -> str:
 def _presets_text(meta: Dict[str, Any]) -> str:
     """``L: λ_τ 0.3, κ 1.0; H: ...`` (older result files carry λ_τ only, as ``lambda_presets``)."""
     if "sparse_presets" in meta:
-        return "; ".join(f"{name}: λ_τ {p['lambda_tau']}, κ {p['delta_eps']}" for name, p in meta["sparse_presets"].items())
+        presets = meta["sparse_presets"].items()
+        return "; ".join(f"{name}: λ_τ {p['lambda_tau']}, κ {p['delta_eps']}" for name, p in presets)
     return "; ".join(f"{name}: λ_τ {lam}" for name, lam in meta["lambda_presets"].items())
 
 
