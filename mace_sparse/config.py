@@ -60,6 +60,10 @@ class SparseConfig:
         delta_eps: κ of the gradient-scaled ΔW update (see ``mace_sparse.optim``); 0 means plain Adam.
         delta_lr_factor: the latent deltas train at this multiple of the run's learning rate, so that the
             entries that matter get past δ early in a short fine-tune (measured, ``mace_sparse.optim``).
+        delta_init_std: ΔW starts at ``randn · delta_init_std``. 0 (the default) starts exactly at the
+            foundation; the paper's released code uses 1e-2 (so its step 0 is not the foundation).
+        straight_through: ``True`` (default): the ΔW gradient passes the threshold unchanged (no dead zone at
+            ΔW = 0); ``False``: the exact gradient of the soft threshold, zero where |ΔW| ≤ δ (the paper's code).
     """
 
     targets: Tuple[str, ...] = DEFAULT_TARGETS
@@ -69,6 +73,8 @@ class SparseConfig:
     granularity: str = "layer"
     delta_eps: float = 1.0
     delta_lr_factor: float = 3.0
+    delta_init_std: float = 0.0
+    straight_through: bool = True
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
@@ -94,6 +100,12 @@ class SparseConfig:
             raise SparseConfigError(
                 f"--sparse_delta_lr_factor must be > 0 (ΔW lr = factor × --lr); got {self.delta_lr_factor}"
             )
+        if not float(self.delta_init_std) >= 0.0:
+            raise SparseConfigError(
+                f"--sparse_delta_init_std must be >= 0 (0 = start exactly at the foundation); got {self.delta_init_std}"
+            )
+        if not isinstance(self.straight_through, bool):
+            raise SparseConfigError(f"--sparse_straight_through must be True or False; got {self.straight_through!r}")
         if self.granularity not in GRANULARITIES:
             raise SparseConfigError(
                 f"--sparse_threshold_granularity must be one of {', '.join(GRANULARITIES)}; "

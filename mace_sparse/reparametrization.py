@@ -36,6 +36,8 @@ SEGMENTS = "{}_threshold_segments"
 REGISTRY_ATTR = "_sparse_str_weights"
 #: Set on a module that owns the hooks for itself (and its ParameterList children).
 HOOKED_ATTR = "_sparse_str_hooked"
+#: Set on an owner whose deltas take the exact soft-threshold gradient instead of the straight-through one.
+EXACT_GRAD_ATTR = "_sparse_str_exact_gradient"
 
 
 def score_for_threshold(threshold: float) -> float:
@@ -79,7 +81,8 @@ def _refresh_own(module: torch.nn.Module) -> None:
     for name in reparametrized_names(module):
         base = module._buffers[FOUNDATION.format(name)]
         delta = module._parameters[DELTA.format(name)]
-        module.__dict__[name] = base + soft_threshold_ste(delta, thresholds(module, name))
+        shrink = soft_threshold if module.__dict__.get(EXACT_GRAD_ATTR, False) else soft_threshold_ste
+        module.__dict__[name] = base + shrink(delta, thresholds(module, name))
 
 
 def refresh(module: torch.nn.Module, *_args) -> None:
@@ -117,6 +120,8 @@ def reparametrize(
     segments: Optional[torch.Tensor],
     num_segments: int,
     consumer: torch.nn.Module,
+    delta_init_std: float = 0.0,
+    straight_through: bool = True,
 ) -> None:
     """Turn ``owner.<name>`` (a Parameter) into foundation buffer + latent delta + threshold score.
 
@@ -127,17 +132,24 @@ def reparametrize(
         segments: long tensor of the weight's shape mapping each entry to a path, or ``None`` for one δ.
         num_segments: number of δ entries.
         consumer: the module whose forward reads the weight (``owner`` or, for a ParameterList, its parent).
+        delta_init_std: ΔW starts at randn · this (0: exactly zero, so step 0 is the foundation bit for bit).
+        straight_through: straight-through ΔW gradient (default) or the exact soft-threshold gradient.
     """
     weight = owner._parameters.pop(name)
     base = weight.detach().clone()
     owner.register_buffer(FOUNDATION.format(name), base)
-    owner.register_parameter(DELTA.format(name), torch.nn.Parameter(torch.zeros_like(base)))
+    start = torch.randn_like(base) * delta_init_std if delta_init_std > 0 else torch.zeros_like(base)
+    owner.register_parameter(DELTA.format(name), torch.nn.Parameter(start))
+    if not straight_through:
+        owner.__dict__[EXACT_GRAD_ATTR] = True
     score = torch.full((num_segments,), score_for_threshold(init_threshold), dtype=base.dtype, device=base.device)
     owner.register_parameter(SCORE.format(name), torch.nn.Parameter(score))
     if segments is not None:
         owner.register_buffer(SEGMENTS.format(name), segments.to(device=base.device, dtype=torch.long))
     owner.__dict__[REGISTRY_ATTR] = reparametrized_names(owner) + (name,)
-    owner.__dict__[name] = base.clone()
+    with torch.no_grad():  # base.clone() at ΔW = 0 keeps even the sign of a -0.0 entry
+        moved = delta_init_std > 0
+        owner.__dict__[name] = base + soft_threshold(start, thresholds(owner, name)) if moved else base.clone()
     if not consumer.__dict__.get(HOOKED_ATTR, False):
         consumer.register_forward_pre_hook(refresh)
         consumer.register_forward_hook(detach_after_forward)

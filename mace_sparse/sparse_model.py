@@ -70,6 +70,8 @@ def get_sparse_model(
             segments=target.path_index if path else None,
             num_segments=len(target.path_labels) if path else 1,
             consumer=target.consumer,
+            delta_init_std=config.delta_init_std,
+            straight_through=config.straight_through,
         )
     model.__dict__[CONFIG_ATTR] = config.to_dict()
     return model

@@ -129,8 +129,8 @@ def test_sparse_flags_accepted_with_the_plugin():
     parser = add_sparse_arguments(build_default_arg_parser())  # adds the magnetic flags too
     settings = bench_methods.TrainSettings(epochs=1)
     methods = bench_methods.all_methods()
-    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 8
-    for name in ("full", "sparse_str-L-linear", "sparse_str-H-all"):
+    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 11
+    for name in ("full", "sparse_str-L-linear", "sparse_str-M-all", "sparse_str-H-all", "paper-recipe"):
         args = parser.parse_args(bench_methods.train_command(_case(), methods[name], 0, settings, "train.xyz"))
         assert args.finetune_method == methods[name].kind
     args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-L-linear"], 0, settings, "x"))

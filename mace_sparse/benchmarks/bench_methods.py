@@ -13,6 +13,10 @@ the method's own flags differ:
   MLPs, linear_up/linear, skip_tp), N ≥ 6 the products, N ≥ 7 the readouts; 2–4 act like 1, and N ≤ 0 freezes
   nothing. The default N = 5 trains the products (symmetric contractions and their linear) and the readouts:
   the usual "freeze the lower layers" baseline.
+* ``lora-r16``: the same with rank 16 (the trade-off plot's second LoRA point; no step-cost measurement).
+* ``paper-recipe``: sparse_str as the paper's authors release it (:data:`PAPER_RECIPE_FLAGS`): random ΔW start,
+  δ₀ = 1e-4, exact threshold gradients, plain Adam on ΔW, λ_τ 0.3, Linear and tensor-product weights only.
+* ``sparse_str-M-all``: the command line's defaults (λ_τ 1, κ 1).
 * ``sparse_str-{L,H}-{linear,all}``: ``--finetune_method sparse_str`` with a preset of :data:`SPARSE_PRESETS`
   and ``--sparse_targets linear`` or ``all``; everything else is the command line's default (ΔW at 3× the lr).
   L = λ_τ 0.3, the largest λ_τ the paper sweeps, below our default (1): accuracy first, fewer unchanged
@@ -33,8 +37,21 @@ from .bench_tasks import BenchCase
 #: module docstring for why these two.
 SPARSE_PRESETS: Dict[str, Dict[str, float]] = {
     "L": {"lambda_tau": 0.3, "delta_eps": 1.0},
+    "M": {"lambda_tau": 1.0, "delta_eps": 1.0},
     "H": {"lambda_tau": 2.0, "delta_eps": 3.0},
 }
+#: Targets run per preset: M (the command line's defaults) only with ``all``, to keep the run count down.
+PRESET_TARGETS: Dict[str, Tuple[str, ...]] = {"L": ("linear", "all"), "M": ("all",), "H": ("linear", "all")}
+#: A second LoRA rank, for the accuracy / share-changed trade-off.
+LARGE_LORA_RANK = 16
+#: The released method as its authors describe it: ΔW started at randn·1e-2, δ₀ = 1e-4, exact gradients
+#: through the threshold, plain Adam on ΔW at the run's lr (κ = 0, factor 1), decoupled (AdamW-style) decay
+#: of the threshold scores, targets the e3nn Linear and tensor-product weights (``linear``, ``skip_tp``).
+PAPER_RECIPE_FLAGS: Tuple[str, ...] = (
+    "--finetune_method", "sparse_str", "--sparse_targets", "linear,skip_tp", "--sparse_delta_init_std", "0.01",
+    "--sparse_init_threshold", "1e-4", "--sparse_straight_through", "False", "--sparse_delta_eps", "0",
+    "--sparse_delta_lr_factor", "1", "--sparse_threshold_weight_decay", "0.3",
+)
 DEFAULT_FREEZE = 5
 DEFAULT_LORA_RANK = 4
 DEFAULT_LORA_ALPHA = 1.0
@@ -104,10 +121,14 @@ def all_methods(
         Method("full", "full", ("--finetune_method", "full"), "full"),
         Method("lora", "lora", ("--lora", "True", "--lora_rank", str(lora_rank), "--lora_alpha", str(lora_alpha)),
                "lora"),
+        Method(f"lora-r{LARGE_LORA_RANK}", "lora", ("--lora", "True", "--lora_rank", str(LARGE_LORA_RANK),
+                                                    "--lora_alpha", str(lora_alpha)), None),
         Method("freeze", "freeze", ("--freeze", str(freeze)), "freeze"),
+        Method("paper-recipe", "sparse_str", PAPER_RECIPE_FLAGS, "paper-recipe", lambda_tau=0.3,
+               targets="linear,skip_tp"),
     ]
     for preset, values in SPARSE_PRESETS.items():
-        for targets in ("linear", "all"):
+        for targets in PRESET_TARGETS[preset]:
             methods.append(Method(
                 f"sparse_str-{preset}-{targets}", "sparse_str",
                 ("--finetune_method", "sparse_str", "--sparse_threshold_weight_decay", str(values["lambda_tau"]),
@@ -131,27 +152,46 @@ def select_methods(names: Sequence[str], **kwargs) -> List[Method]:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """What every method of a run shares."""
+    """What every method of a run shares.
+
+    ``epochs`` is a fixed epoch count, or with ``patience`` the cap of a run that stops once its validation loss
+    has not improved for ``patience`` epochs (MACE's ``--patience``; the saved model is the best-validation
+    checkpoint). ``ema``: MACE's ``--ema`` with ``--ema_decay`` ``ema_decay`` (validation, checkpoints and the
+    saved model use the averaged weights).
+    """
 
     epochs: int
     lr: float = 0.01
     batch_size: int = 4
     dtype: str = "float64"
     device: str = "cpu"
+    patience: Optional[int] = None
+    ema: bool = False
+    ema_decay: float = 0.99
 
 
 def train_command(
-    case: BenchCase, method: Method, seed: int, settings: TrainSettings, train_file: str, name: str = "model"
+    case: BenchCase, method: Method, seed: int, settings: TrainSettings, train_file: str, name: str = "model",
+    valid_file: Optional[str] = None,
 ) -> List[str]:
-    """The full ``mace_run_train`` command line of one run (without the executable)."""
+    """The full ``mace_run_train`` command line of one run (without the executable).
+
+    ``valid_file``: validation frames kept apart from the training frames (``--valid_file``); without it MACE
+    splits ``case.valid_fraction`` off the training file with the run's seed.
+    """
     if not method.trains:
         raise ValueError(f"{method.name} does not train")
+    valid = ["--valid_file", str(valid_file)] if valid_file else ["--valid_fraction", str(case.valid_fraction)]
+    protocol = ["--error_table", "PerAtomMAE"]
+    if settings.patience is not None:
+        protocol += ["--patience", str(settings.patience)]
+    if settings.ema:
+        protocol += ["--ema", "--ema_decay", str(settings.ema_decay)]
     return [
-        "--name", name, "--foundation_model", str(case.foundation), "--train_file", str(train_file),
-        "--valid_fraction", str(case.valid_fraction), "--E0s", case.e0s,
-        "--energy_key", case.energy_key, "--forces_key", case.forces_key,
+        "--name", name, "--foundation_model", str(case.foundation), "--train_file", str(train_file), *valid,
+        "--E0s", case.e0s, "--energy_key", case.energy_key, "--forces_key", case.forces_key,
         "--multiheads_finetuning", "False", "--max_num_epochs", str(settings.epochs),
         "--lr", str(settings.lr), "--batch_size", str(settings.batch_size), "--seed", str(seed),
-        "--default_dtype", settings.dtype, "--device", settings.device, "--plot", "False",
+        "--default_dtype", settings.dtype, "--device", settings.device, "--plot", "False", *protocol,
         *case.extra_flags, *method.flags,
     ]

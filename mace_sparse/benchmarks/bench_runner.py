@@ -48,6 +48,9 @@ class BenchOptions:
     lora_alpha: float = 1.0
     #: epochs per task name, overriding ``settings.epochs`` (full mode gives larger data sets fewer epochs)
     epochs_by_task: Dict[str, int] = dataclasses.field(default_factory=dict)
+    #: learning rates tried for every method on the first seed; the one with the lowest validation force MAE
+    #: (at MACE's best checkpoint) is used for every seed. Empty: ``settings.lr`` for all, no tuning.
+    lr_grid: Tuple[float, ...] = ()
 
     def settings_for(self, case: BenchCase) -> TrainSettings:
         """What every method of ``case`` shares (same epochs for all of them)."""
@@ -64,6 +67,7 @@ class _Job:
     index: int = 0
     total: int = 0
     output: Optional[TrainOutput] = None
+    lr: float = 0.0
 
 
 def _slug(text: str) -> str:
@@ -74,21 +78,63 @@ def _reference_method() -> Method:
     return Method("reference-lr0", "reference", ("--finetune_method", "full"), None)
 
 
-def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Path) -> List[_Job]:
-    """The runs of one case: every trained method × seed, plus an ``--lr 0`` reference where needed."""
+def _run_name(method: Method, seed: int, lr: Optional[float]) -> str:
+    return f"{method.name}_seed{seed}" if lr is None else f"{method.name}_lr{lr:g}_seed{seed}"
+
+
+def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Path,
+          valid_file: Optional[Path] = None, lrs: Optional[Dict[str, float]] = None,
+          seeds: Optional[Sequence[int]] = None) -> List[_Job]:
+    """The runs of one case: every trained method × seed, plus an ``--lr 0`` reference where needed.
+
+    ``lrs``: the learning rate of each method (from the tuning phase); without it the shared ``settings.lr``.
+    """
     jobs = []
     trained = [m for m in options.methods if m.trains]
     has_sparse = any(m.kind == "sparse_str" for m in trained)
-    for seed in options.seeds:
+    base = options.settings_for(case)
+    for seed in options.seeds if seeds is None else seeds:
         for method in trained:
-            jobs.append(_Job(case, method, seed, case_dir / f"{method.name}_seed{seed}",
-                             train_command(case, method, seed, options.settings_for(case), str(train_file))))
+            lr = None if lrs is None else lrs[method.name]
+            settings = base if lr is None else dataclasses.replace(base, lr=lr)
+            jobs.append(_Job(case, method, seed, case_dir / _run_name(method, seed, lr),
+                             train_command(case, method, seed, settings, str(train_file), valid_file=valid_file),
+                             lr=settings.lr))
         if trained and not has_sparse:
             ref = _reference_method()
-            settings = dataclasses.replace(options.settings_for(case), epochs=1, lr=0.0)
+            settings = dataclasses.replace(base, epochs=1, lr=0.0, patience=None)
             jobs.append(_Job(case, ref, seed, case_dir / f"reference-lr0_seed{seed}",
-                             train_command(case, ref, seed, settings, str(train_file))))
+                             train_command(case, ref, seed, settings, str(train_file), valid_file=valid_file),
+                             lr=0.0))
     return jobs
+
+
+def _tuning_plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Path,
+                 valid_file: Optional[Path]) -> List[_Job]:
+    """The learning-rate grid on the first seed, for every trained method (the same budget for each)."""
+    jobs = []
+    for lr in options.lr_grid:
+        lrs = {m.name: lr for m in options.methods if m.trains}
+        jobs += [j for j in _plan(case, options, train_file, case_dir, valid_file, lrs, options.seeds[:1])
+                 if j.method.kind != "reference"]
+    return jobs
+
+
+def _select_lrs(jobs: Sequence[_Job]) -> Tuple[Dict[str, float], Dict[str, Dict[str, Optional[float]]]]:
+    """Per method: the grid lr of the lowest validation force MAE at the best checkpoint, and the whole table."""
+    from .bench_curve import best_point
+
+    table: Dict[str, Dict[str, Optional[float]]] = {}
+    for job in jobs:
+        best = best_point(job.output.curve) if job.output else None
+        table.setdefault(job.method.name, {})[f"{job.lr:g}"] = best.get("mae_f") if best else None
+    chosen = {}
+    for method, by_lr in table.items():
+        scored = [(v, float(lr)) for lr, v in by_lr.items() if v is not None]
+        if not scored:
+            raise RuntimeError(f"{method}: no validation force MAE was logged for any learning rate")
+        chosen[method] = min(scored)[1]
+    return chosen, table
 
 
 def _execute(jobs: Sequence[_Job], parallel: int) -> None:
@@ -98,7 +144,7 @@ def _execute(jobs: Sequence[_Job], parallel: int) -> None:
     def one(job: _Job) -> _Job:
         with lock:
             LOG.info("run %d/%d: %s seed %d (%s) …", job.index, job.total, job.method.name, job.seed, job.case.label)
-        job.output = run_training(job.args, job.run_dir)
+        job.output = run_training(job.args, job.run_dir, patience=_patience(job.args))
         with lock:
             out = job.output
             extra = f", median epoch {out.epoch_s:.2f} s" if out.epoch_s is not None else ""
@@ -122,6 +168,10 @@ def _execute(jobs: Sequence[_Job], parallel: int) -> None:
     pool.shutdown(wait=True)
 
 
+def _patience(args: Sequence[str]) -> Optional[int]:
+    return int(args[list(args).index("--patience") + 1]) if "--patience" in args else None
+
+
 def _references(jobs: Sequence[_Job]) -> Dict[int, Tuple[Any, str]]:
     """Per seed: the step-0 model and where it came from (a sparse_str delta, or the ``--lr 0`` run)."""
     refs: Dict[int, Tuple[Any, str]] = {}
@@ -143,6 +193,8 @@ def _errors_dict(prefix: str, errors: Dict[str, float]) -> Dict[str, Any]:
 def _evaluate_run(job: _Job, reference, target: Path, source: Path) -> Dict[str, Any]:
     import torch
 
+    from .bench_curve import best_point
+
     out = job.output
     assert out is not None
     saved = torch.load(str(out.model), map_location="cpu", weights_only=False)
@@ -153,8 +205,13 @@ def _evaluate_run(job: _Job, reference, target: Path, source: Path) -> Dict[str,
         "changed_entries": change.changed, "total_entries": change.total,
         "changed_percent": change.changed_percent,
         "model_bytes": out.model.stat().st_size, "wall_s": out.wall_s, "epoch_s_from_log": out.epoch_s,
-        "run_dir": str(out.run_dir),
+        "run_dir": str(out.run_dir), "lr": job.lr, "curve": out.curve, "stopped_early": out.stopped_early,
+        "epochs_run": (out.curve[-1]["epoch"] + 1) if out.curve else None,
     }
+    best = best_point(out.curve)
+    if best is not None:
+        record["best_epoch"] = int(best["epoch"])
+        record["valid_force_mae_at_best"] = best.get("mae_f")
     if out.sparsity_json is not None:
         # sparse_str's own count (same definition); the bitwise count above must agree with it
         sparsity = json.loads(out.sparsity_json.read_text())
@@ -182,13 +239,36 @@ def _magmoms_key(case: BenchCase) -> str:
     return "REF_magmoms"
 
 
+def _number(jobs: Sequence[_Job], counter: List[int], total: int) -> None:
+    for job in jobs:
+        counter[0] += 1
+        job.index, job.total = counter[0], total
+
+
+def split_files(case: BenchCase, case_dir: Path) -> Tuple[Path, Optional[Path]]:
+    """The training file of the case (its first N frames) and its validation file, kept apart.
+
+    ``valid_size`` V takes the last V frames of the training pool, the training frames come from the front; a
+    pool too small for both is refused. Otherwise ``valid_file`` (or None: MACE's ``--valid_fraction``).
+    """
+    if not case.valid_size:
+        return write_subset(case.train_file, case.train_size, case_dir / "train.xyz"), case.valid_file
+    frames = bench_eval.read_frames(case.train_file)
+    n = case.train_size if case.train_size is not None else len(frames) - case.valid_size
+    if n < 1 or n + case.valid_size > len(frames):
+        raise ValueError(f"{case.label}: {case.train_file} has {len(frames)} frames, too few for {n} training and "
+                         f"{case.valid_size} validation frames")
+    return (bench_eval.write_frames(frames[:n], case_dir / "train.xyz"),
+            bench_eval.write_frames(frames[-case.valid_size:], case_dir / "valid.xyz"))
+
+
 def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: int) -> Dict[str, Any]:
     """Everything measured on one case (runs, zero-shot, step costs)."""
     from .bench_cost import measure_step_costs
 
     case.check_files()
     case_dir = options.out / "runs" / _slug(case.label)
-    train_file = write_subset(case.train_file, case.train_size, case_dir / "train.xyz")
+    train_file, valid_file = split_files(case, case_dir)
     elements = bench_eval.file_elements(train_file)
     target_frames = bench_eval.read_frames(case.test_file)
     target_kept = bench_eval.read_frames(case.test_file, elements)
@@ -214,10 +294,18 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
     LOG.info("%s: zero-shot force MAE target %.1f, source %.1f meV/Å", case.label, zero["target_force_mae"],
              zero["source_force_mae"])
 
-    jobs = _plan(case, options, train_file, case_dir)
-    for job in jobs:
-        counter[0] += 1
-        job.index, job.total = counter[0], total
+    lrs, lr_table = None, {}
+    if len(options.lr_grid) > 1:
+        tuning = _tuning_plan(case, options, train_file, case_dir, valid_file)
+        _number(tuning, counter, total)
+        _execute(tuning, options.jobs)
+        lrs, lr_table = _select_lrs(tuning)
+        LOG.info("%s: learning rates chosen on validation: %s", case.label,
+                 ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
+    elif options.lr_grid:
+        lrs = {m.name: options.lr_grid[0] for m in options.methods if m.trains}
+    jobs = _plan(case, options, train_file, case_dir, valid_file, lrs)
+    _number(jobs, counter, total)
     _execute(jobs, options.jobs)
     refs = _references(jobs)
     fingerprints = {seed: bench_eval.fingerprint(model) for seed, (model, _) in refs.items()}
@@ -249,6 +337,8 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
                                              "test_file": str(case.test_file),
                                              "source_test_file": str(case.source_test_file)},
         "train_file_used": str(train_file),
+        "valid_file_used": str(valid_file) if valid_file else None,
+        "lr_selection": lr_table,
         "epochs": options.settings_for(case).epochs,
         "elements": sorted(elements),
         "source_configs": {"used": n_source, "in_file": source_all, "subset_file": str(source)},
@@ -262,7 +352,15 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
 
 
 def count_runs(cases: Sequence[BenchCase], options: BenchOptions) -> int:
-    return sum(len(_plan(c, options, c.train_file, options.out)) for c in cases)
+    """Runs of the whole benchmark (tuning grid included; a tuning run reused by the seeds counts once)."""
+    total = 0
+    for case in cases:
+        main = len(_plan(case, options, case.train_file, options.out))
+        if len(options.lr_grid) > 1:
+            trained = sum(1 for m in options.methods if m.trains)
+            main += trained * len(options.lr_grid)  # counted in both phases; the seed-0 rerun is a reuse
+        total += main
+    return total
 
 
 def run_bench(cases: Sequence[BenchCase], options: BenchOptions) -> List[Dict[str, Any]]:

@@ -43,7 +43,11 @@ class BenchCase:
         e0s: MACE's ``--E0s``. ``foundation`` keeps the foundation's atomic energies; ``average`` refits them
             to the training data, needed when the target labels come from another level of theory (another
             energy zero) than the foundation's.
-        valid_fraction: MACE's ``--valid_fraction`` (the validation split is drawn with the run's seed).
+        valid_fraction: MACE's ``--valid_fraction`` (the validation split is drawn with the run's seed), used
+            only when the case has neither ``valid_file`` nor ``valid_size``.
+        valid_file: validation frames of the target domain apart from the training pool and the test set
+            (``--valid_file``). ``valid_size``: instead, the last V frames of ``train_file`` validate (the
+            training frames are taken from the front, so the two never overlap).
         extra_flags: further ``mace_run_train`` flags of the task (e.g. ``--magmom_weight``).
     """
 
@@ -60,17 +64,20 @@ class BenchCase:
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
     extra_flags: Tuple[str, ...] = ()
+    valid_file: Optional[Path] = None
+    valid_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         # absolute paths: every run executes in its own directory
-        for what in ("foundation", "train_file", "test_file", "source_test_file"):
-            object.__setattr__(self, what, Path(getattr(self, what)).expanduser().resolve())
+        for what in ("foundation", "train_file", "test_file", "source_test_file", "valid_file"):
+            if getattr(self, what) is not None:
+                object.__setattr__(self, what, Path(getattr(self, what)).expanduser().resolve())
 
     def check_files(self) -> None:
         """Fail early, with the file that is missing, rather than minutes into a run."""
-        for what in ("foundation", "train_file", "test_file", "source_test_file"):
-            path = Path(getattr(self, what))
-            if not path.is_file():
+        for what in ("foundation", "train_file", "test_file", "source_test_file", "valid_file"):
+            path = getattr(self, what)
+            if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{self.label}: {what} {path} does not exist")
 
 
@@ -93,52 +100,82 @@ def bundled_foundation(name: str) -> Path:
     return Path(foundations.path(name))
 
 
+#: Validation frames of the rMD17-like cases (``python -m harness.data.rmd17_valid``), made in the repository's
+#: harness: an independent trajectory per molecule under the training pool's protocol.
+RMD17_VALID_DIR = Path(__file__).resolve().parent.parent.parent / "harness" / "data" / "rmd17_valid"
+HARNESS_DATA_DIR = RMD17_VALID_DIR.parent
+#: Molecules and sizes of the benchmark-scale ``rmd17-s`` task (aspirin and one cheaper molecule).
+RMD17_S_MOLECULES: Tuple[str, ...] = ("aspirin", "malonaldehyde")
+#: Cells of the TM-oxide training pool (150) that validate the inorganic cases; the first 120 train.
+OXIDE_VALID_SIZE = 30
+
+
+def _rmd17_valid(data_dir: Path, molecule: str) -> Optional[Path]:
+    for folder in (data_dir, RMD17_VALID_DIR):
+        path = Path(folder) / f"{molecule}_valid.xyz"
+        if path.is_file():
+            return path
+    return None
+
+
 def rmd17_task(
     foundation: Optional[Path] = None,
     data_dir: Optional[Path] = None,
     source_test_file: Optional[Path] = None,
     molecules: Sequence[str] = RMD17_MOLECULES,
     sizes: Sequence[int] = RMD17_SIZES,
+    scale: str = "",
 ) -> BenchTask:
     """Organic foundation (GFN2-xTB) fine-tuned on rMD17-like GFN1-xTB MD of single molecules.
 
     The labels come from another level of theory, hence ``--E0s average`` (MACE's least-squares fit of the
     atomic energies to the training set); forgetting is measured on the organic foundation's own test set.
+    ``scale="-s"`` is the benchmark-scale task ``rmd17-s`` on ``organic-s`` (source test set from the harness).
+    Validation frames come from ``<molecule>_valid.xyz`` (in ``data_dir`` or :data:`RMD17_VALID_DIR`); a
+    molecule without one falls back to MACE's ``--valid_fraction`` split of the training frames.
     """
-    foundation = Path(foundation) if foundation else bundled_foundation("organic")
+    name = f"rmd17{scale}"
+    foundation = Path(foundation) if foundation else bundled_foundation(f"organic{scale}")
     data_dir = Path(data_dir) if data_dir else DATA_DIR / "rmd17_like"
-    source = Path(source_test_file) if source_test_file else DATA_DIR / "organic" / "test.xyz"
+    default_source = HARNESS_DATA_DIR / "organic_s" / "test.xyz" if scale else DATA_DIR / "organic" / "test.xyz"
+    source = Path(source_test_file) if source_test_file else default_source
     cases = tuple(
         BenchCase(
-            task="rmd17", label=f"rmd17/{mol}/N={n}", foundation=foundation,
+            task=name, label=f"{name}/{mol}/N={n}", foundation=foundation,
             train_file=data_dir / f"{mol}_train.xyz", test_file=data_dir / f"{mol}_test.xyz",
             source_test_file=source, train_size=n, molecules=True, e0s="average", extra_flags=FOUNDATION_LOSS_FLAGS,
+            valid_file=_rmd17_valid(data_dir, mol),
         )
         for mol in molecules
         for n in sizes
     )
-    return BenchTask("rmd17", "organic foundation → rMD17-like molecules (GFN1-xTB MD)", cases)
+    return BenchTask(name, f"organic{scale} foundation → rMD17-like molecules (GFN1-xTB MD)", cases)
 
 
 def inorganic_task(
     foundation: Optional[Path] = None,
     data_dir: Optional[Path] = None,
     source_test_file: Optional[Path] = None,
+    scale: str = "",
 ) -> BenchTask:
     """Inorganic foundation fine-tuned on distorted, mixed-cation TM-oxide cells it describes badly.
 
     Same labeller (CHGNet) as the foundation's data, so the foundation's atomic energies stay (``--E0s
-    foundation``); energies and forces only (the magnetic moments are the ``magnetic`` task).
+    foundation``); energies and forces only (the magnetic moments are the ``magnetic`` task). The last
+    :data:`OXIDE_VALID_SIZE` cells of the training pool validate; the others train. ``scale="-s"``: the
+    benchmark-scale task ``inorganic-s`` on ``inorganic-s``.
     """
-    foundation = Path(foundation) if foundation else bundled_foundation("inorganic")
+    name = f"inorganic{scale}"
+    foundation = Path(foundation) if foundation else bundled_foundation(name)
     data_dir = Path(data_dir) if data_dir else DATA_DIR / "magnetic_oxides"
-    source = Path(source_test_file) if source_test_file else DATA_DIR / "inorganic" / "test.xyz"
+    default_source = HARNESS_DATA_DIR / "inorganic_s" / "test.xyz" if scale else DATA_DIR / "inorganic" / "test.xyz"
+    source = Path(source_test_file) if source_test_file else default_source
     case = BenchCase(
-        task="inorganic", label="inorganic/tm-oxides", foundation=foundation,
+        task=name, label=f"{name}/tm-oxides", foundation=foundation,
         train_file=data_dir / "train.xyz", test_file=data_dir / "test.xyz", source_test_file=source,
-        extra_flags=FOUNDATION_LOSS_FLAGS,
+        extra_flags=FOUNDATION_LOSS_FLAGS, valid_size=OXIDE_VALID_SIZE,
     )
-    return BenchTask("inorganic", "inorganic foundation → distorted mixed TM oxides (CHGNet)", (case,))
+    return BenchTask(name, f"{name} foundation → distorted mixed TM oxides (CHGNet)", (case,))
 
 
 def magnetic_task(
@@ -218,7 +255,7 @@ def standin_task(foundation: Path, data_dir: Optional[Path] = None,
     return BenchTask("standin", "EMT bulk foundation → EMT surface slabs (stand-in)", (case,))
 
 
-TASK_NAMES: Tuple[str, ...] = ("standin", "rmd17", "inorganic", "magnetic")
+TASK_NAMES: Tuple[str, ...] = ("standin", "rmd17", "inorganic", "magnetic", "rmd17-s", "inorganic-s")
 
 
 def build_task(name: str, foundation: Optional[Path], work_dir: Path, data_dir: Optional[Path] = None,
@@ -231,6 +268,8 @@ def build_task(name: str, foundation: Optional[Path], work_dir: Path, data_dir: 
         "rmd17": lambda: rmd17_task(foundation, data_dir, source_test_file),
         "inorganic": lambda: inorganic_task(foundation, data_dir, source_test_file),
         "magnetic": lambda: magnetic_task(foundation, data_dir, source_test_file),
+        "rmd17-s": lambda: rmd17_task(foundation, data_dir, source_test_file, RMD17_S_MOLECULES, scale="-s"),
+        "inorganic-s": lambda: inorganic_task(foundation, data_dir, source_test_file, scale="-s"),
     }
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)} (or give --train-file)")

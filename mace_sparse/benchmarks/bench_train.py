@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 _EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO: Epoch (\d+):")
 
@@ -37,6 +37,9 @@ class TrainOutput:
     delta: Optional[Path] = None
     sparsity_json: Optional[Path] = None
     reused: bool = False
+    #: validation points per epoch (:func:`mace_sparse.benchmarks.bench_curve.parse_curve`)
+    curve: List[Dict[str, float]] = dataclasses.field(default_factory=list)
+    stopped_early: bool = False
 
     @property
     def ok(self) -> bool:
@@ -75,38 +78,77 @@ def median_epoch_seconds(log_text: str) -> Optional[float]:
 DONE_FILE = "bench_run.json"
 
 
-def run_training(args: List[str], run_dir: Path, name: str = "model") -> TrainOutput:
+def _run_once(cmd: List[str], run_dir: Path, watch_stop: bool, mode: str = "w") -> int:
+    """One ``mace_run_train`` process, console output to ``command.log``; with ``watch_stop`` it is stopped
+    once MACE logs that patience is exhausted (see :mod:`mace_sparse.benchmarks.bench_curve`)."""
+    from .bench_curve import STOP_LINE
+
+    with open(run_dir / "command.log", mode) as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        if not watch_stop:
+            return proc.wait()
+        marker, seen = STOP_LINE.encode(), 0
+        while proc.poll() is None:
+            time.sleep(0.5)
+            with open(run_dir / "command.log", "rb") as fh:
+                fh.seek(seen)
+                chunk = fh.read()
+            if marker in chunk:
+                proc.terminate()
+                proc.wait()
+                return STOPPED
+            seen = max(seen, seen + len(chunk) - len(marker))  # a marker cut in two is found next time
+        return proc.returncode
+
+
+#: Return code of :func:`_run_once` for a process stopped at patience (not an error).
+STOPPED = -1000
+
+
+def run_training(args: List[str], run_dir: Path, name: str = "model", patience: Optional[int] = None) -> TrainOutput:
     """Run ``mace_run_train ARGS`` in ``run_dir`` (created) and return what it produced.
+
+    With ``patience`` (the run's ``--patience``), the run is stopped when MACE reports that patience is exhausted
+    and finished from its best checkpoint (``--restart_latest --max_num_epochs <best epoch>``), so that the
+    saved model is the best-validation one and no epoch is trained past the stop.
 
     A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
     not repeated: an interrupted benchmark restarted with the same ``--out`` picks up where it stopped.
     """
+    from .bench_curve import best_epoch_from_log, parse_curve, run_log
+
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [mace_run_train_executable(), *args]
     done = run_dir / DONE_FILE
     previous = json.loads(done.read_text()) if done.is_file() else None
+    stopped = bool(previous and previous.get("stopped_early"))
     if previous and previous.get("args") == list(args) and (run_dir / f"{name}.model").is_file():
         returncode, wall, reused = 0, float(previous["wall_s"]), True
     else:
         done.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint must not be resumed
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
         reused = False
         start = time.perf_counter()
-        with open(run_dir / "command.log", "w") as log:
-            log.write("$ " + shlex.join(cmd) + "\n")
-            log.flush()
-            proc = subprocess.run(cmd, cwd=run_dir, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
-        returncode, wall = proc.returncode, time.perf_counter() - start
+        returncode = _run_once(cmd, run_dir, watch_stop=patience is not None)
+        stopped = returncode == STOPPED
+        if stopped:
+            best = best_epoch_from_log(run_log(run_dir))
+            finish = [*cmd, "--restart_latest", "--max_num_epochs", str(best if best is not None else 0)]
+            returncode = _run_once(finish, run_dir, watch_stop=False, mode="a")
+        wall = time.perf_counter() - start
         if returncode == 0:
-            done.write_text(json.dumps({"args": list(args), "wall_s": wall}))
-    logs = sorted((run_dir / "logs").glob("*_run-*.log")) if (run_dir / "logs").is_dir() else []
-    logs = [p for p in logs if not p.name.endswith("_debug.log")]
-    epoch_s = median_epoch_seconds(logs[-1].read_text()) if logs else None
+            done.write_text(json.dumps({"args": list(args), "wall_s": wall, "stopped_early": stopped}))
+    log_text = run_log(run_dir)
+    epoch_s = median_epoch_seconds(log_text) if log_text else None
     delta = run_dir / f"{name}_sparse_delta.safetensors"
     sparsity = run_dir / f"{name}_sparsity.json"
     return TrainOutput(
         run_dir=run_dir, model=run_dir / f"{name}.model", returncode=returncode, wall_s=wall, epoch_s=epoch_s,
         delta=delta if delta.is_file() else None, sparsity_json=sparsity if sparsity.is_file() else None,
-        reused=reused,
+        reused=reused, curve=parse_curve(log_text), stopped_early=stopped,
     )
 
 

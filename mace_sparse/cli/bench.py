@@ -30,12 +30,22 @@ MODES: Dict[str, Dict[str, Any]] = {
         "tasks": ["rmd17"], "cases": ["aspirin/N=50"], "seeds": [0], "epochs": 5, "cost_rounds": 10,
         "methods": ["zero-shot", "full", "lora", "freeze", "sparse_str-L-all", "sparse_str-H-all",
                     "sparse_str-H-linear"],
+        "patience": None, "ema": False, "lr_grid": [],
         "note": "a smoke run of the whole pipeline (≤ 10 min on 2 cores), not evidence",
     },
     "full": {
+        "tasks": ["rmd17-s", "inorganic-s"], "cases": [], "seeds": [0, 1, 2],
+        "epochs": {"*": 400}, "cost_rounds": 20, "methods": None,
+        "patience": 15, "ema": True, "lr_grid": [0.003, 0.01, 0.03],
+        "note": "the converged, validated regime on the benchmark-scale foundations (organic-s, inorganic-s): "
+                "every method stops at patience 15 (cap 400 epochs), EMA, lr chosen per method on validation; "
+                "many CPU hours, resumable",
+    },
+    "toy": {
         "tasks": ["rmd17", "inorganic"], "cases": [], "seeds": [0, 1, 2],
         "epochs": {"rmd17": 15, "inorganic": 12, "*": 15}, "cost_rounds": 20, "methods": None,
-        "note": "189 runs, measured 85 min on 2 cores (2 runs at a time)",
+        "patience": None, "ema": False, "lr_grid": [],
+        "note": "the earlier regime (tiny foundations, fixed 12–15 epochs, one lr, no EMA): 85 min on 2 cores",
     },
 }
 
@@ -64,17 +74,31 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         name, help="side-by-side fine-tuning benchmark: zero-shot, full, LoRA, freeze and sparse_str",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--quick", action="store_true", help="quick mode: rmd17 aspirin N=50 only, 7 of the 8 methods (not "
-                   "sparse_str-L-linear), 5 epochs, 1 seed (≤ 10 min on 2 cores); default: full mode, rmd17 (4 "
-                   "molecules × N=50, 200; 15 epochs) and inorganic (12 epochs), all 8 methods, 3 seeds")
+    p.add_argument("--quick", action="store_true", help="quick mode: tiny organic foundation, rmd17 aspirin N=50 "
+                   "only, 7 methods, 5 epochs, 1 seed (≤ 10 min on 2 cores), a smoke test; default: full mode, "
+                   "rmd17-s (aspirin, malonaldehyde × N=50, 200 on organic-s) and inorganic-s, every method, 3 "
+                   "seeds, early stopping, EMA, an lr grid")
+    p.add_argument("--mode", choices=sorted(MODES), default=None,
+                   help="full (default): benchmark-scale foundations, early stopping, EMA, lr grid; toy: the "
+                        "earlier fixed-epoch regime on the tiny foundations; quick = --quick")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop a run once its validation loss has not improved for this many epochs (MACE's "
+                        "--patience, enforced; the saved model is the best checkpoint); 0 = fixed epochs")
+    p.add_argument("--ema", dest="ema", action="store_true", default=None, help="MACE's --ema (decay 0.99)")
+    p.add_argument("--no-ema", dest="ema", action="store_false")
+    p.add_argument("--lr-grid", dest="lr_grid", nargs="+", type=float, default=None,
+                   help="learning rates tried for every method on the first seed; each method then uses the one "
+                        "of lowest validation force MAE for all seeds (default: the mode's; one value = no tuning)")
     p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=None, help="tasks to run (default: the mode's)")
     p.add_argument("--cases", nargs="+", default=None,
                    help="only the cases whose label contains one of these (e.g. aspirin N=50)")
     p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=None,
                    help="methods to run (default: the mode's); full is the reference of the ratios")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0 1 2; quick: 0)")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs of every method")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate of every method")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fine-tuning epochs of every method (with --patience: the cap)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every method, no tuning (default 0.01 where the mode has no lr grid)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4)
     p.add_argument("--out", default="bench_results", help="output directory (bench.md, bench.json, runs/)")
     p.add_argument("--jobs", type=int, default=2,
@@ -175,7 +199,7 @@ def _bench(args: argparse.Namespace) -> str:
     log = logging.getLogger("mace_sparse.bench")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
-    mode_name = "quick" if args.quick else "full"
+    mode_name = "quick" if args.quick else (getattr(args, "mode", None) or "full")
     mode = MODES[mode_name]
     out = Path(args.out).resolve()
     method_names = args.methods or mode["methods"] or list(bench_methods.METHOD_NAMES)
@@ -193,21 +217,29 @@ def _bench(args: argparse.Namespace) -> str:
               for c in cases}
     if min(epochs.values()) < 1:
         raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
-    customised = any(getattr(args, k) for k in ("tasks", "cases", "methods", "seeds", "epochs", "train_file",
-                                                 "sparse_flags"))
+    customised = any(getattr(args, k, None) for k in ("tasks", "cases", "methods", "seeds", "epochs", "train_file",
+                                                       "sparse_flags", "lr", "lr_grid", "patience"))
+    lr_grid = [args.lr] if getattr(args, "lr", None) else list(getattr(args, "lr_grid", None) or mode["lr_grid"])
+    lr = lr_grid[0] if len(lr_grid) == 1 else 0.01
+    patience = getattr(args, "patience", None)
+    patience = mode["patience"] if patience is None else (patience or None)
+    ema = mode["ema"] if getattr(args, "ema", None) is None else args.ema
     covers = describe(mode, cases, methods, epochs, list(seeds), customised)
     log.info("mace_sparse bench, %s mode: %s", mode_name, covers)
-    settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=args.lr, batch_size=args.batch_size)
+    settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=lr, batch_size=args.batch_size,
+                                           patience=patience, ema=ema)
     options = bench_runner.BenchOptions(
         methods=methods, seeds=list(seeds), settings=settings, out=out, jobs=args.jobs,
         cost_rounds=args.cost_rounds or mode["cost_rounds"], measure_memory=args.measure_memory,
         freeze=args.freeze, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, epochs_by_task=epochs,
+        lr_grid=tuple(lr_grid) if len(lr_grid) > 1 else (),
     )
     results = bench_runner.run_bench(cases, options)
     argv = getattr(args, "argv", None) or list(sys.argv[1:])
     meta = {
         "command": "mace_sparse " + shlex.join(argv), "date": datetime.date.today().isoformat(), "mode": mode_name,
-        "covers": covers, "epochs": _epochs_text(epochs), "epochs_by_task": epochs, "lr": args.lr,
+        "covers": covers, "epochs": _epochs_text(epochs), "epochs_by_task": epochs, "lr": lr if len(lr_grid) <= 1 else None,
+        "lr_grid": lr_grid, "patience": patience, "ema": ema,
         "batch_size": args.batch_size, "seeds": list(seeds), "jobs": options.jobs,
         "dtype": settings.dtype, "methods": [m.name for m in methods],
         "method_flags": {m.name: list(m.flags) for m in methods},
@@ -218,6 +250,10 @@ def _bench(args: argparse.Namespace) -> str:
     text = bench_table.markdown(report)
     (out / "bench.md").write_text(text)
     (out / "bench.json").write_text(json.dumps(bench_table.json_ready(report), indent=2, allow_nan=False))
+    from mace_sparse.benchmarks.bench_plots import write_plots
+
+    plots = write_plots(results, out)
+    log.info("wrote %d figures (learning curves, accuracy vs share changed) next to bench.md", len(plots))
     log.info("wrote %s and %s (%.1f min)", out / "bench.md", out / "bench.json", meta["wall_s"] / 60)
     return text
 

@@ -1,7 +1,8 @@
 """Small MACE foundations bundled with the package, for machines that cannot download MACE-MP or MACE-OFF.
 
 ``organic`` (H, C, N, O; GFN2-xTB labels) and ``inorganic`` (Al, Cu, Ni, Fe, Co, Mn, O; CHGNet labels) were
-pretrained with the real ``mace_run_train`` by ``python -m mace_sparse.foundations.pretrain NAME``; each has a
+pretrained with the real ``mace_run_train`` by ``python -m mace_sparse.foundations.pretrain NAME``; the
+benchmark-scale ``organic-s`` and ``inorganic-s`` (≥ 150k parameters) by ``python -m harness.pretrain NAME``; each has a
 card ``<name>.md`` with its data, command and measured errors. Write ``--foundation_model mace_sparse:organic``
 and pass the string through :func:`resolve` to get the file. Importing this module does not import torch.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NAMES = ("organic", "inorganic")
+NAMES = ("organic", "inorganic", "organic-s", "inorganic-s")
+#: Benchmark-scale foundations (MACE-OFF23-small / MACE-MP-0-small shapes), pretrained by the repository's harness.
+BENCHMARK_SCALE = ("organic-s", "inorganic-s")
 PREFIX = "mace_sparse:"
 _HERE = Path(__file__).resolve().parent
 
@@ -21,9 +24,10 @@ def path(name: str) -> Path:
         raise ValueError(f"unknown bundled foundation {name!r}; valid names: {', '.join(NAMES)}")
     file = _HERE / f"{name}.model"
     if not file.is_file():
+        rebuild = (f"python -m harness.pretrain {name}' from a checkout of the repository"
+                   if name in BENCHMARK_SCALE else f"python -m mace_sparse.foundations.pretrain {name}'")
         raise FileNotFoundError(
-            f"bundled foundation {name!r} is missing ({file}); rebuild it with "
-            f"'python -m mace_sparse.foundations.pretrain {name}' or reinstall mace-sparse"
+            f"bundled foundation {name!r} is missing ({file}); rebuild it with '{rebuild} or reinstall mace-sparse"
         )
     return file
 

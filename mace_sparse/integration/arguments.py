@@ -66,8 +66,28 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=_DEFAULTS.delta_lr_factor,
         help="the latent deltas train at this multiple of --lr (the thresholds at --sparse_threshold_lr)",
     )
+    group.add_argument(
+        *_both("sparse_delta_init_std"), dest="sparse_delta_init_std", type=float,
+        default=_DEFAULTS.delta_init_std,
+        help="delta starts at randn * this (0: exactly the foundation at step 0; the paper's code: 1e-2)",
+    )
+    group.add_argument(
+        *_both("sparse_straight_through"), dest="sparse_straight_through", type=_bool, default=True,
+        help="True: straight-through delta gradient through the threshold (no dead zone); False: the exact "
+        "soft-threshold gradient, zero where |delta| <= threshold (the paper's code)",
+    )
     add_magnetic_arguments(parser)
     return parser
+
+
+def _bool(text: str) -> bool:
+    """``True``/``False`` (any case, also yes/no, 1/0) for a flag that takes a value, as MACE's own booleans do."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def add_magnetic_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -130,6 +150,8 @@ def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
         granularity=args.sparse_threshold_granularity,
         delta_eps=args.sparse_delta_eps,
         delta_lr_factor=args.sparse_delta_lr_factor,
+        delta_init_std=getattr(args, "sparse_delta_init_std", _DEFAULTS.delta_init_std),
+        straight_through=getattr(args, "sparse_straight_through", True),
     )
 
 

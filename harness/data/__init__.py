@@ -1,0 +1,1 @@
+"""Generators of the benchmark-scale source data sets (labelled with real calculators, fixed seeds)."""

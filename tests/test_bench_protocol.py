@@ -1,0 +1,163 @@
+"""The converged, validated benchmark protocol: validation apart from training, learning curves from MACE's
+log, enforced early stopping, the lr grid chosen on validation, the figures, and the paper-recipe method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mace_sparse.benchmarks import bench_curve, bench_methods
+from mace_sparse.benchmarks.bench_tasks import BenchCase
+
+LOG = "\n".join([
+    "2026-12-01 10:00:00.000 INFO: Initial: head: Default, loss=9.0, MAE_E_per_atom= 50.0 meV, MAE_F= 300.0 meV / A",
+    "2026-12-01 10:00:01.000 INFO: Epoch 0: head: Default, loss=5.0, MAE_E_per_atom= 40.0 meV, MAE_F= 200.0 meV / A,"
+    " sparsity=99.50 %, mean_delta=1.0e-03",
+    "2026-12-01 10:00:02.000 INFO: Epoch 1: head: Default, loss=4.0, MAE_E_per_atom= 30.0 meV, MAE_F= 150.0 meV / A,"
+    " sparsity=98.00 %, mean_delta=2.0e-03",
+    "2026-12-01 10:00:03.000 INFO: Epoch 2: head: Default, loss=4.5, MAE_E_per_atom= 31.0 meV, MAE_F= 140.0 meV / A,"
+    " sparsity=97.00 %, mean_delta=3.0e-03",
+    "2026-12-01 10:00:04.000 INFO: Stopping optimization after 1 epochs without improvement",
+])
+
+
+def test_curve_parsed_from_mace_log_and_best_is_lowest_loss():
+    curve = bench_curve.parse_curve(LOG)
+    assert [p["epoch"] for p in curve] == [0, 1, 2]  # the 'Initial' line is not an epoch
+    assert curve[1] == {"epoch": 1, "loss": 4.0, "mae_f": 150.0, "mae_e_per_atom": 30.0,
+                        "sparsity_percent": 98.0, "mean_delta": 2.0e-3}
+    best = bench_curve.best_point(curve)
+    assert best["epoch"] == 1 and best["mae_f"] == 150.0  # MACE keeps the lowest loss, not the lowest MAE_F
+    assert bench_curve.stopped_early(LOG) and bench_curve.best_epoch_from_log(LOG) == 1
+    rerun = LOG + "\n2026-12-01 11:00:00.000 INFO: Epoch 1: head: Default, loss=3.0, MAE_F= 120.0 meV / A"
+    assert bench_curve.parse_curve(rerun)[1]["mae_f"] == 120.0  # a restarted epoch: the later line wins
+
+
+def _case(**kw):
+    return BenchCase(task="t", label="t/x", foundation="f.model", train_file="train.xyz", test_file="test.xyz",
+                     source_test_file="src.xyz", e0s="average", **kw)
+
+
+def test_protocol_flags_reach_mace_parser():
+    from mace.tools import build_default_arg_parser
+
+    from mace_sparse.integration.arguments import add_sparse_arguments
+
+    settings = bench_methods.TrainSettings(epochs=400, patience=15, ema=True)
+    full = bench_methods.all_methods()["full"]
+    args = add_sparse_arguments(build_default_arg_parser()).parse_args(
+        bench_methods.train_command(_case(), full, 0, settings, "train.xyz", valid_file="valid.xyz"))
+    assert args.valid_file == "valid.xyz" and args.patience == 15 and args.ema and args.ema_decay == 0.99
+    assert args.max_num_epochs == 400 and args.error_table == "PerAtomMAE"
+    no_valid = bench_methods.train_command(_case(), full, 0, bench_methods.TrainSettings(epochs=2), "train.xyz")
+    assert "--valid_file" not in no_valid and "--valid_fraction" in no_valid and "--patience" not in no_valid
+    paper = bench_methods.all_methods()["paper-recipe"]
+    parsed = add_sparse_arguments(build_default_arg_parser()).parse_args(
+        bench_methods.train_command(_case(), paper, 0, settings, "x"))
+    assert parsed.sparse_targets == "linear,skip_tp" and parsed.sparse_delta_init_std == 0.01
+    assert parsed.sparse_straight_through is False and parsed.sparse_init_threshold == 1e-4
+    assert parsed.sparse_delta_eps == 0.0 and parsed.sparse_delta_lr_factor == 1.0
+
+
+def test_pool_split_keeps_validation_apart(tmp_path, emt_data):
+    import ase.io
+
+    from mace_sparse.benchmarks.bench_runner import split_files
+
+    pool = ase.io.read(emt_data["slab_train"], ":")
+    case = BenchCase(task="t", label="t/x", foundation=emt_data["slab_train"], train_file=emt_data["slab_train"],
+                     test_file=emt_data["slab_test"], source_test_file=emt_data["bulk_test"], valid_size=5,
+                     train_size=10)
+    train, valid = split_files(case, tmp_path)
+    tr, va = ase.io.read(train, ":"), ase.io.read(valid, ":")
+    assert len(tr) == 10 and len(va) == 5
+    assert all((a.positions == b.positions).all() for a, b in zip(tr, pool[:10]))
+    assert all((a.positions == b.positions).all() for a, b in zip(va, pool[-5:]))
+    too_many = BenchCase(**{**case.__dict__, "train_size": len(pool)})
+    with pytest.raises(ValueError, match="too few"):
+        split_files(too_many, tmp_path)
+
+
+def test_lr_chosen_per_method_on_validation(tmp_path):
+    from mace_sparse.benchmarks.bench_runner import BenchOptions, _select_lrs, _tuning_plan
+    from mace_sparse.benchmarks.bench_train import TrainOutput
+
+    options = BenchOptions(methods=bench_methods.select_methods(["full", "sparse_str-H-all"]), seeds=[0, 1],
+                           settings=bench_methods.TrainSettings(epochs=5, patience=2), out=tmp_path,
+                           lr_grid=(0.003, 0.01))
+    jobs = _tuning_plan(_case(), options, tmp_path / "train.xyz", tmp_path, tmp_path / "valid.xyz")
+    assert sorted((j.method.name, j.lr, j.seed) for j in jobs) == [
+        ("full", 0.003, 0), ("full", 0.01, 0), ("sparse_str-H-all", 0.003, 0), ("sparse_str-H-all", 0.01, 0)]
+    assert all(j.args[j.args.index("--valid_file") + 1] == str(tmp_path / "valid.xyz") for j in jobs)
+    scores = {("full", 0.003): 50.0, ("full", 0.01): 40.0, ("sparse_str-H-all", 0.003): 30.0,
+              ("sparse_str-H-all", 0.01): 35.0}
+    for job in jobs:
+        curve = [{"epoch": 0, "loss": 2.0, "mae_f": 99.0}, {"epoch": 1, "loss": 1.0,
+                                                             "mae_f": scores[(job.method.name, job.lr)]}]
+        job.output = TrainOutput(run_dir=tmp_path, model=tmp_path / "m", returncode=0, wall_s=1.0, epoch_s=None,
+                                 curve=curve)
+    chosen, table = _select_lrs(jobs)
+    assert chosen == {"full": 0.01, "sparse_str-H-all": 0.003}
+    assert table["full"] == {"0.003": 50.0, "0.01": 40.0}
+
+
+def test_figures_written(tmp_path):
+    from mace_sparse.benchmarks.bench_plots import write_plots
+
+    curve = bench_curve.parse_curve(LOG)
+    runs = [{"method": "zero-shot", "changed_percent": 0.0, "target_force_mae": 90.0}]
+    for method, changed, force in (("full", 99.0, 40.0), ("lora", 60.0, 45.0), ("sparse_str-H-all", 3.0, 44.0),
+                                   ("sparse_str-L-all", 30.0, 41.0)):
+        runs.append({"method": method, "changed_percent": changed, "target_force_mae": force, "curve": curve,
+                     "best_epoch": 1})
+    paths = write_plots([{"case": {"label": "rmd17-s/aspirin/N=50"}, "runs": runs}], tmp_path)
+    assert [p.name for p in paths] == ["bench_rmd17-s__aspirin__N=50_curves.png",
+                                       "bench_rmd17-s__aspirin__N=50_tradeoff.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_benchmark_scale_tasks_point_at_their_foundations_and_validation(tmp_path):
+    from mace_sparse.benchmarks.bench_tasks import RMD17_VALID_DIR, build_task
+
+    rmd = build_task("rmd17-s", tmp_path / "organic-s.model", tmp_path)
+    assert [c.label for c in rmd.cases] == ["rmd17-s/aspirin/N=50", "rmd17-s/aspirin/N=200",
+                                           "rmd17-s/malonaldehyde/N=50", "rmd17-s/malonaldehyde/N=200"]
+    assert rmd.cases[0].valid_file == RMD17_VALID_DIR / "aspirin_valid.xyz"
+    assert rmd.cases[0].source_test_file.parts[-3:] == ("data", "organic_s", "test.xyz")
+    oxides = build_task("inorganic-s", tmp_path / "inorganic-s.model", tmp_path).cases[0]
+    assert oxides.valid_size == 30 and oxides.train_size is None
+    assert oxides.source_test_file.parts[-2:] == ("inorganic_s", "test.xyz")
+
+
+def test_rmd17_validation_frames_are_new_frames_of_the_same_molecule():
+    import ase.io
+    import numpy as np
+
+    from mace_sparse.benchmarks.bench_tasks import DATA_DIR, RMD17_VALID_DIR
+
+    for mol in ("aspirin", "malonaldehyde"):
+        valid = ase.io.read(RMD17_VALID_DIR / f"{mol}_valid.xyz", ":")
+        pool = ase.io.read(DATA_DIR / "rmd17_like" / f"{mol}_train.xyz", ":")
+        pool += ase.io.read(DATA_DIR / "rmd17_like" / f"{mol}_test.xyz", ":")
+        assert len(valid) == 50 and valid[0].get_chemical_formula() == pool[0].get_chemical_formula()
+        seen = {np.round(a.positions, 5).tobytes() for a in pool}
+        assert not any(np.round(a.positions, 5).tobytes() in seen for a in valid)
+
+
+@pytest.mark.slow
+def test_early_stop_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, tiny_foundation, emt_data):
+    """lr 0: the validation loss never improves after epoch 0, so patience 2 ends the run at epoch 2 of 50."""
+    from mace_sparse.benchmarks.bench_train import run_training
+
+    case = BenchCase(task="t", label="t/x", foundation=tiny_foundation, train_file=emt_data["slab_train"],
+                     test_file=emt_data["slab_test"], source_test_file=emt_data["bulk_test"], valid_fraction=0.2)
+    settings = bench_methods.TrainSettings(epochs=50, lr=0.0, patience=2)
+    args = bench_methods.train_command(case, bench_methods.all_methods()["full"], 0, settings,
+                                       str(emt_data["slab_train"]))
+    out = run_training(args, tmp_path / "run", patience=2)
+    assert out.ok and out.stopped_early
+    epochs = [p["epoch"] for p in out.curve]
+    assert epochs[0] == 0 and max(epochs) <= 4, epochs  # stopped at patience, far from the cap of 50
+    assert json.loads((tmp_path / "run" / "bench_run.json").read_text())["stopped_early"] is True
