@@ -161,3 +161,34 @@ def test_early_stop_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, tiny_fo
     epochs = [p["epoch"] for p in out.curve]
     assert epochs[0] == 0 and max(epochs) <= 4, epochs  # stopped at patience, far from the cap of 50
     assert json.loads((tmp_path / "run" / "bench_run.json").read_text())["stopped_early"] is True
+
+
+@pytest.mark.slow
+def test_bench_with_lr_grid_early_stop_and_ema_end_to_end(tmp_path, tiny_foundation, emt_data):
+    """Two methods × two grid lrs on seed 0, the chosen lr for seed 1, early stopping, EMA: through the CLI."""
+    from mace_sparse.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--foundation", str(tiny_foundation), "--train-file", str(emt_data["slab_train"]),
+                 "--test-file", str(emt_data["slab_test"]), "--source-test-file", str(emt_data["bulk_test"]),
+                 "--methods", "full", "sparse_str-H-all", "--epochs", "6", "--patience", "2", "--ema",
+                 "--lr-grid", "0.002", "0.02", "--seeds", "0", "1", "--cost-rounds", "2", "--no-memory",
+                 "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["meta"]["lr_grid"] == [0.002, 0.02] and report["meta"]["patience"] == 2 and report["meta"]["ema"]
+    case = report["cases"][0]
+    table = case["lr_selection"]
+    assert set(table) == {"full", "sparse_str-H-all"} and all(set(v) == {"0.002", "0.02"} for v in table.values())
+    runs = [r for r in case["runs"] if r["method"] != "zero-shot"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == [("full", 0), ("full", 1), ("sparse_str-H-all", 0),
+                                                            ("sparse_str-H-all", 1)]
+    for run in runs:
+        chosen = min((v, float(k)) for k, v in table[run["method"]].items())[1]
+        assert run["lr"] == chosen  # every seed at the lr picked on validation
+        assert run["curve"] and all("mae_f" in p for p in run["curve"]) and run["epochs_run"] <= 6
+        if run["method"].startswith("sparse_str"):
+            assert all("sparsity_percent" in p and "mean_delta" in p for p in run["curve"])
+    md = (out / "bench.md").read_text()
+    assert "Learning-rate selection" in md and "chosen on validation force MAE" in md
+    assert len(list(out.glob("bench_*_curves.png"))) == 1 and len(list(out.glob("bench_*_tradeoff.png"))) == 1

@@ -280,13 +280,30 @@ def _presets_text(meta: Dict[str, Any]) -> str:
     return "; ".join(f"{name}: λ_τ {lam}" for name, lam in meta["lambda_presets"].items())
 
 
+def _protocol_text(meta: Dict[str, Any]) -> str:
+    """How long runs went and how the lr was set (older JSON files have only a fixed lr)."""
+    parts = []
+    if meta.get("patience"):
+        parts.append(f" (cap; each run stops after {meta['patience']} epochs without a better validation loss and "
+                     "keeps MACE's best checkpoint)")
+    if meta.get("ema"):
+        parts.append(", EMA 0.99")
+    grid = meta.get("lr_grid") or []
+    if len(grid) > 1:
+        parts.append(f", lr per method from {grid} chosen on validation force MAE (first seed; see each case's "
+                     "lr table)")
+    else:
+        parts.append(f", lr {meta.get('lr')}")
+    return "".join(parts)
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """``bench.md``: how it was run, then one section per case."""
     meta = report["meta"]
     out = [
         f"Measured {meta['date']} with `{meta['command']}` ({meta['mode']} mode: {meta['covers']}).",
         "",
-        f"Epochs {meta['epochs']}, lr {meta['lr']}, batch size {meta['batch_size']}, seeds {meta['seeds']}, "
+        f"Epochs {meta['epochs']}{_protocol_text(meta)}, batch size {meta['batch_size']}, seeds {meta['seeds']}, "
         f"{meta['dtype']}, `--multiheads_finetuning False`; sparse_str presets {_presets_text(meta)}, "
         f"LoRA rank {meta['lora_rank']} alpha {meta['lora_alpha']}, `--freeze {meta['freeze']}`. "
         "Errors are mean absolute errors on the held-out target test set (mean ± std over seeds), evaluated in "
@@ -301,7 +318,22 @@ def markdown(report: Dict[str, Any]) -> str:
         out += ["", summary]
     for case in report["cases"]:
         out += ["", case_markdown(case)]
+        if case.get("lr_selection"):
+            out += ["", lr_table_markdown(case["lr_selection"])]
     return "\n".join(out) + "\n"
+
+
+def lr_table_markdown(table: Dict[str, Dict[str, Optional[float]]]) -> str:
+    """Validation force MAE (meV/Å, MACE's best checkpoint, first seed) of every method at every grid lr."""
+    lrs = sorted({lr for by_lr in table.values() for lr in by_lr}, key=float)
+    lines = ["Learning-rate selection (validation force MAE, meV/Å, at the best checkpoint; * = chosen):", "",
+             "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for method, by_lr in table.items():
+        scored = [(v, lr) for lr, v in by_lr.items() if v is not None]
+        best = min(scored)[1] if scored else None
+        cells = [("–" if by_lr.get(lr) is None else f"{by_lr[lr]:.1f}" + ("*" if lr == best else "")) for lr in lrs]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
