@@ -18,6 +18,9 @@ DEFAULT_TARGETS: Tuple[str, ...] = TARGET_KINDS
 
 GRANULARITIES: Tuple[str, ...] = ("layer", "path")
 
+#: ``absolute``: δ in the weight's units (the paper); ``relative``: δ as a fraction of each tensor's rms.
+THRESHOLD_SCALES: Tuple[str, ...] = ("absolute", "relative")
+
 
 class SparseConfigError(ValueError):
     """A setting the method cannot honour; the message names the problem and the fix in one line."""
@@ -64,6 +67,10 @@ class SparseConfig:
             foundation; the paper's released code uses 1e-2 (so its step 0 is not the foundation).
         straight_through: ``True`` (default): the ΔW gradient passes the threshold unchanged (no dead zone at
             ΔW = 0); ``False``: the exact gradient of the soft threshold, zero where |ΔW| ≤ δ (the paper's code).
+        threshold_scale: ``absolute`` (default) or ``relative``: δ (and a budget's cut) as a fraction of each
+            tensor's rms, so that small-valued kinds (contraction weights) are not pruned wholesale.
+        budget: at most this share (0 < F < 1) of the model's weights may differ from the foundation, at every
+            step (a global cut on |ΔW| / scale; ``mace_sparse.budget``). ``None``: no budget, λ_τ alone decides.
     """
 
     targets: Tuple[str, ...] = DEFAULT_TARGETS
@@ -75,6 +82,8 @@ class SparseConfig:
     delta_lr_factor: float = 3.0
     delta_init_std: float = 0.0
     straight_through: bool = True
+    threshold_scale: str = "absolute"
+    budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
@@ -106,6 +115,14 @@ class SparseConfig:
             )
         if not isinstance(self.straight_through, bool):
             raise SparseConfigError(f"--sparse_straight_through must be True or False; got {self.straight_through!r}")
+        if self.threshold_scale not in THRESHOLD_SCALES:
+            raise SparseConfigError(
+                f"--sparse_threshold_scale must be one of {', '.join(THRESHOLD_SCALES)}; got {self.threshold_scale!r}"
+            )
+        if self.budget is not None and not 0.0 < float(self.budget) < 1.0:
+            raise SparseConfigError(
+                f"--sparse_budget is the share of weights allowed to change, in (0, 1) (e.g. 0.05); got {self.budget}"
+            )
         if self.granularity not in GRANULARITIES:
             raise SparseConfigError(
                 f"--sparse_threshold_granularity must be one of {', '.join(GRANULARITIES)}; "

@@ -38,6 +38,10 @@ REGISTRY_ATTR = "_sparse_str_weights"
 HOOKED_ATTR = "_sparse_str_hooked"
 #: Set on an owner whose deltas take the exact soft-threshold gradient instead of the straight-through one.
 EXACT_GRAD_ATTR = "_sparse_str_exact_gradient"
+#: Per owner: {weight name: rms of its foundation weight}; δ is then relative to it (``mace_sparse.budget``).
+SCALE_ATTR = "_sparse_str_scale"
+#: Per owner: the global cut τ of a sparsity budget, in the same units as δ (``mace_sparse.budget``).
+CUT_ATTR = "_sparse_str_cut"
 
 
 def score_for_threshold(threshold: float) -> float:
@@ -60,11 +64,21 @@ def soft_threshold(delta: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor
 
 
 def thresholds(module: torch.nn.Module, name: str) -> torch.Tensor:
-    """δ of one reparameterised weight, broadcastable to (or of) the weight's shape."""
+    """δ of one reparameterised weight, broadcastable to (or of) the weight's shape, in the weight's units.
+
+    With a sparsity budget the budget's cut τ raises it where it binds; with relative thresholds both are
+    fractions of the tensor's rms (see :mod:`mace_sparse.budget`). Without either this is sigmoid(s).
+    """
     delta_threshold = torch.sigmoid(getattr(module, SCORE.format(name)))
     segments = module._buffers.get(SEGMENTS.format(name))
     if segments is not None:
-        return delta_threshold[segments]
+        delta_threshold = delta_threshold[segments]
+    cut = module.__dict__.get(CUT_ATTR)
+    if cut is not None:
+        delta_threshold = torch.maximum(delta_threshold, cut)
+    scale = module.__dict__.get(SCALE_ATTR, {}).get(name)
+    if scale is not None:
+        delta_threshold = delta_threshold * scale
     return delta_threshold
 
 

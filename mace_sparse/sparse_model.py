@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from . import budget
 from . import reparametrization as rp
 from .config import SparseConfig
 from .model_walker import find_targets
@@ -73,7 +74,12 @@ def get_sparse_model(
             delta_init_std=config.delta_init_std,
             straight_through=config.straight_through,
         )
+    if config.threshold_scale == "relative":
+        for target in targets:
+            budget.set_relative_scale(target.owner, target.name)
     model.__dict__[CONFIG_ATTR] = config.to_dict()
+    if config.budget is not None:
+        budget.attach_budget(model, config.budget, total_model_entries(model))
     return model
 
 
@@ -123,6 +129,7 @@ def total_model_entries(model: torch.nn.Module) -> int:
 def sparsity_stats(model: torch.nn.Module) -> SparsityStats:
     """Current sparsity of the effective deltas and the mean δ (one value per threshold entry)."""
     model = getattr(model, "module", model)
+    budget.update_cut(model)
     changed = adapted = 0
     threshold_sum = 0.0
     threshold_count = 0
@@ -174,8 +181,10 @@ def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not is_sparse_model(model):
         raise ValueError("the model is not sparse-trainable (no sparse_str reparameterisation found)")
+    budget.update_cut(model)
     for _, owner, name in list(rp.iter_reparametrized(model)):
         rp.merge_into_parameter(owner, name)
+    budget.detach_budget(model)
     for module in model.modules():
         rp.remove_hooks(module)
     model.__dict__.pop(CONFIG_ATTR, None)

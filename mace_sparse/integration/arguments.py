@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from ..config import DEFAULT_TARGETS, GRANULARITIES, SparseConfig, SparseConfigError
+from ..config import DEFAULT_TARGETS, GRANULARITIES, THRESHOLD_SCALES, SparseConfig, SparseConfigError
 from ..magnetism.config import MAGMOM_LOSSES, MagneticConfig
 
 FINETUNE_METHODS = ("full", "sparse_str")
@@ -48,8 +48,9 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     group.add_argument(
         *_both("sparse_threshold_weight_decay"), dest="sparse_threshold_weight_decay", type=float,
-        default=_DEFAULTS.threshold_weight_decay,
-        help="lambda_tau, decoupled weight decay of the threshold scores: the sparsity knob (higher = sparser)",
+        default=None,
+        help=f"lambda_tau, decoupled weight decay of the threshold scores: the sparsity knob (higher = sparser; "
+        f"default {_DEFAULTS.threshold_weight_decay:g}, 0 with --sparse_budget, which it cannot be combined with)",
     )
     group.add_argument(
         *_both("sparse_threshold_granularity"), dest="sparse_threshold_granularity", choices=GRANULARITIES,
@@ -65,6 +66,16 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         *_both("sparse_delta_lr_factor"), dest="sparse_delta_lr_factor", type=float,
         default=_DEFAULTS.delta_lr_factor,
         help="the latent deltas train at this multiple of --lr (the thresholds at --sparse_threshold_lr)",
+    )
+    group.add_argument(
+        *_both("sparse_budget"), dest="sparse_budget", type=float, default=None,
+        help="share of the foundation's weights allowed to change (e.g. 0.05): a global cut keeps at most that "
+        "many entries non-zero at every step, whatever the task or run length (replaces lambda_tau)",
+    )
+    group.add_argument(
+        *_both("sparse_threshold_scale"), dest="sparse_threshold_scale", choices=THRESHOLD_SCALES,
+        default=_DEFAULTS.threshold_scale,
+        help="'absolute': thresholds in weight units (the paper); 'relative': as a fraction of each tensor's rms",
     )
     group.add_argument(
         *_both("sparse_delta_init_std"), dest="sparse_delta_init_std", type=float,
@@ -142,16 +153,27 @@ def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
     """The :class:`SparseConfig` asked for on the command line, or ``None`` for MACE's own fine-tuning."""
     if getattr(args, "finetune_method", "full") != "sparse_str":
         return None
+    budget = getattr(args, "sparse_budget", None)
+    lambda_tau = getattr(args, "sparse_threshold_weight_decay", None)
+    if budget is not None and lambda_tau is not None:
+        raise SparseConfigError(
+            "--sparse_budget and --sparse_threshold_weight_decay both set how sparse the delta gets: give one "
+            "(the budget for a share of weights changed, lambda_tau as the expert knob)"
+        )
+    if lambda_tau is None:
+        lambda_tau = 0.0 if budget is not None else _DEFAULTS.threshold_weight_decay
     return SparseConfig(
         targets=args.sparse_targets,
         init_threshold=args.sparse_init_threshold,
         threshold_lr=args.sparse_threshold_lr,
-        threshold_weight_decay=args.sparse_threshold_weight_decay,
+        threshold_weight_decay=lambda_tau,
         granularity=args.sparse_threshold_granularity,
         delta_eps=args.sparse_delta_eps,
         delta_lr_factor=args.sparse_delta_lr_factor,
         delta_init_std=getattr(args, "sparse_delta_init_std", _DEFAULTS.delta_init_std),
         straight_through=getattr(args, "sparse_straight_through", True),
+        threshold_scale=getattr(args, "sparse_threshold_scale", _DEFAULTS.threshold_scale),
+        budget=budget,
     )
 
 
