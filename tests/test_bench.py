@@ -129,8 +129,9 @@ def test_sparse_flags_accepted_with_the_plugin():
     parser = add_sparse_arguments(build_default_arg_parser())  # adds the magnetic flags too
     settings = bench_methods.TrainSettings(epochs=1)
     methods = bench_methods.all_methods()
-    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 11
-    for name in ("full", "sparse_str-L-linear", "sparse_str-M-all", "sparse_str-H-all", "paper-recipe"):
+    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 12
+    for name in ("full", "sparse_str-L-linear", "sparse_str-M-all", "sparse_str-H-all", "paper-recipe",
+                 "sparse_str-B5-all"):
         args = parser.parse_args(bench_methods.train_command(_case(), methods[name], 0, settings, "train.xyz"))
         assert args.finetune_method == methods[name].kind
     args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-L-linear"], 0, settings, "x"))
@@ -139,6 +140,9 @@ def test_sparse_flags_accepted_with_the_plugin():
     assert "linear" in str(args.sparse_targets)
     args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-H-all"], 0, settings, "x"))
     assert (args.sparse_threshold_weight_decay, args.sparse_delta_eps) == (2.0, 3.0)
+    args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-B5-all"], 0, settings, "x"))
+    assert (args.sparse_budget, args.sparse_threshold_scale, args.sparse_threshold_weight_decay) == (
+        0.05, "relative", None)
     with pytest.raises(ValueError):
         bench_methods.train_command(_case(), methods["zero-shot"], 0, settings, "x")
     with pytest.raises(ValueError, match="unknown method"):

@@ -105,3 +105,32 @@ def test_budget_and_lambda_tau_together_refused_in_one_line():
     for bad in ("0", "1.5"):
         with pytest.raises(SparseConfigError, match="sparse_budget is the share"):
             sparse_config_from_args(parser.parse_args(["--finetune_method", "sparse_str", "--sparse_budget", bad]))
+
+
+@pytest.mark.slow
+def test_budget_honoured_by_mace_run_train_in_both_stages_and_after_restart(tiny_foundation, slab_atoms, tmp_path):
+    """--sparse_budget through the unchanged console script: stage one, stage two (--swa) and --restart_latest.
+
+    Two runs, since mace-torch 0.3.16 itself cannot resume into stage two (``--restart_latest`` with ``--swa``
+    fails with ``KeyError: 'swa_lr'`` once the resumed run reaches ``--start_swa``, plugin off or on)."""
+    import json
+
+    import ase.io
+
+    from conftest import run_mace_train
+
+    ase.io.write(tmp_path / "slabs.xyz", slab_atoms[:12])
+    args = ["--name", "ft", "--foundation_model", tiny_foundation, "--train_file", tmp_path / "slabs.xyz",
+            "--valid_fraction", "0.25", "--energy_key", "REF_energy", "--forces_key", "REF_forces",
+            "--E0s", "foundation", "--batch_size", "3", "--default_dtype", "float64", "--device", "cpu",
+            "--seed", "1", "--lr", "0.02", "--finetune-method", "sparse_str", "--sparse_budget", "0.03",
+            "--multiheads_finetuning", "False"]
+    (tmp_path / "swa").mkdir()
+    run_mace_train([*args, "--max_num_epochs", "4", "--swa", "--start_swa", "2"], cwd=tmp_path / "swa")
+    run_mace_train([*args, "--max_num_epochs", "2"], cwd=tmp_path)
+    run_mace_train([*args, "--max_num_epochs", "4", "--restart_latest"], cwd=tmp_path)
+    assert "Loading checkpoint" in next((tmp_path / "logs").glob("ft_run-1.log")).read_text()
+    for stem in ("swa/ft", "swa/ft_stagetwo", "ft"):
+        report = json.loads((tmp_path / f"{stem}_sparsity.json").read_text())
+        allowed = math.floor(0.03 * report["total_entries"])
+        assert 0 < report["changed_entries"] <= allowed, (stem, report["changed_entries"], allowed)

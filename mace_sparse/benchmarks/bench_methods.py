@@ -17,6 +17,7 @@ the method's own flags differ:
 * ``paper-recipe``: sparse_str as the paper's authors release it (:data:`PAPER_RECIPE_FLAGS`): random ΔW start,
   δ₀ = 1e-4, exact threshold gradients, plain Adam on ΔW, λ_τ 0.3, Linear and tensor-product weights only.
 * ``sparse_str-M-all``: the command line's defaults (λ_τ 1, κ 1).
+* ``sparse_str-B5-all``: a sparsity budget instead of λ_τ: ``--sparse_budget 0.05`` with relative thresholds.
 * ``sparse_str-{L,H}-{linear,all}``: ``--finetune_method sparse_str`` with a preset of :data:`SPARSE_PRESETS`
   and ``--sparse_targets linear`` or ``all``; everything else is the command line's default (ΔW at 3× the lr).
   L = λ_τ 0.3, the largest λ_τ the paper sweeps, below our default (1): accuracy first, fewer unchanged
@@ -42,6 +43,9 @@ SPARSE_PRESETS: Dict[str, Dict[str, float]] = {
 }
 #: Targets run per preset: M (the command line's defaults) only with ``all``, to keep the run count down.
 PRESET_TARGETS: Dict[str, Tuple[str, ...]] = {"L": ("linear", "all"), "M": ("all",), "H": ("linear", "all")}
+#: The budget preset ``sparse_str-B5-all``: at most 5 % of the weights change (``--sparse_budget``), thresholds
+#: relative to each tensor's rms, λ_τ 0 (the budget replaces it).
+BUDGET_PRESET = 0.05
 #: A second LoRA rank, for the accuracy / share-changed trade-off.
 LARGE_LORA_RANK = 16
 #: The released method as its authors describe it: ΔW started at randn·1e-2, δ₀ = 1e-4, exact gradients
@@ -126,6 +130,10 @@ def all_methods(
         Method("freeze", "freeze", ("--freeze", str(freeze)), "freeze"),
         Method("paper-recipe", "sparse_str", PAPER_RECIPE_FLAGS, "paper-recipe", lambda_tau=0.3,
                targets="linear,skip_tp"),
+        Method("sparse_str-B5-all", "sparse_str",
+               ("--finetune_method", "sparse_str", "--sparse_budget", str(BUDGET_PRESET),
+                "--sparse_threshold_scale", "relative", "--sparse_targets", "all", *sparse_flags),
+               "sparse_str-all", targets="all"),
     ]
     for preset, values in SPARSE_PRESETS.items():
         for targets in PRESET_TARGETS[preset]:
