@@ -69,6 +69,8 @@ class SparseConfig:
             ΔW = 0); ``False``: the exact gradient of the soft threshold, zero where |ΔW| ≤ δ (the paper's code).
         threshold_scale: ``absolute`` (default) or ``relative``: δ (and a budget's cut) as a fraction of each
             tensor's rms, so that small-valued kinds (contraction weights) are not pruned wholesale.
+        retrain_support: in MACE's stage two (``--swa``), fix which entries may move and train those without a
+            threshold (``mace_sparse.support``), removing the soft threshold's shrinkage of every kept entry.
         budget: at most this share (0 < F < 1) of the model's weights may differ from the foundation, at every
             step (a global cut on |ΔW| / scale; ``mace_sparse.budget``). ``None``: no budget, λ_τ alone decides.
     """
@@ -84,6 +86,7 @@ class SparseConfig:
     straight_through: bool = True
     threshold_scale: str = "absolute"
     budget: Optional[float] = None
+    retrain_support: bool = False
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)

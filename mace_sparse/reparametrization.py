@@ -42,6 +42,22 @@ EXACT_GRAD_ATTR = "_sparse_str_exact_gradient"
 SCALE_ATTR = "_sparse_str_scale"
 #: Per owner: the global cut τ of a sparsity budget, in the same units as δ (``mace_sparse.budget``).
 CUT_ATTR = "_sparse_str_cut"
+#: Buffer of a weight whose support was fixed (``mace_sparse.support``): W' = W + m ⊙ (ΔW − offset), m = offset ≠ 0.
+SUPPORT_OFFSET = "{}_support_offset"
+
+
+#: Python flag on an owner once its support is fixed (the tensor flag lives on the model, for checkpoints).
+SUPPORT_FIXED_ATTR = "_sparse_str_support_fixed"
+
+
+def has_support(module: torch.nn.Module, name: str) -> bool:
+    """True once the support of ``module.<name>`` was fixed (``mace_sparse.support.fix_support``)."""
+    return module.__dict__.get(SUPPORT_FIXED_ATTR, False) and SUPPORT_OFFSET.format(name) in module._buffers
+
+
+def _support_change(module: torch.nn.Module, name: str, delta: torch.Tensor) -> torch.Tensor:
+    offset = module._buffers[SUPPORT_OFFSET.format(name)]
+    return torch.where(offset != 0, delta - offset, torch.zeros_like(delta))
 
 
 def score_for_threshold(threshold: float) -> float:
@@ -84,6 +100,8 @@ def thresholds(module: torch.nn.Module, name: str) -> torch.Tensor:
 
 def effective_delta(module: torch.nn.Module, name: str) -> torch.Tensor:
     """S(ΔW, δ): the change the weight currently applies to the foundation weight (no grad tricks)."""
+    if has_support(module, name):
+        return _support_change(module, name, getattr(module, DELTA.format(name)))
     return soft_threshold(getattr(module, DELTA.format(name)), thresholds(module, name))
 
 
@@ -95,6 +113,9 @@ def _refresh_own(module: torch.nn.Module) -> None:
     for name in reparametrized_names(module):
         base = module._buffers[FOUNDATION.format(name)]
         delta = module._parameters[DELTA.format(name)]
+        if has_support(module, name):
+            module.__dict__[name] = base + _support_change(module, name, delta)
+            continue
         shrink = soft_threshold if module.__dict__.get(EXACT_GRAD_ATTR, False) else soft_threshold_ste
         module.__dict__[name] = base + shrink(delta, thresholds(module, name))
 
@@ -176,7 +197,7 @@ def merge_into_parameter(owner: torch.nn.Module, name: str) -> None:
     with torch.no_grad():
         merged = owner._buffers[FOUNDATION.format(name)] + effective_delta(owner, name)
     owner.__dict__.pop(name, None)
-    for key in (FOUNDATION, SEGMENTS):
+    for key in (FOUNDATION, SEGMENTS, SUPPORT_OFFSET):
         owner._buffers.pop(key.format(name), None)
     for key in (DELTA, SCORE):
         owner._parameters.pop(key.format(name), None)

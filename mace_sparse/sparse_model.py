@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from . import budget
+from . import budget, support
 from . import reparametrization as rp
 from .config import SparseConfig
 from .model_walker import find_targets
@@ -80,6 +80,8 @@ def get_sparse_model(
     model.__dict__[CONFIG_ATTR] = config.to_dict()
     if config.budget is not None:
         budget.attach_budget(model, config.budget, total_model_entries(model))
+    if config.retrain_support:
+        support.prepare_support(model)
     return model
 
 
@@ -185,6 +187,7 @@ def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
     for _, owner, name in list(rp.iter_reparametrized(model)):
         rp.merge_into_parameter(owner, name)
     budget.detach_budget(model)
+    support.remove_support(model)
     for module in model.modules():
         rp.remove_hooks(module)
     model.__dict__.pop(CONFIG_ATTR, None)

@@ -78,6 +78,11 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="'absolute': thresholds in weight units (the paper); 'relative': as a fraction of each tensor's rms",
     )
     group.add_argument(
+        *_both("sparse_retrain_support"), dest="sparse_retrain_support", type=_bool, default=False,
+        help="True: when MACE's stage two (--swa) starts, fix which delta entries may move and retrain them "
+        "without a threshold (removes the soft threshold's shrinkage)",
+    )
+    group.add_argument(
         *_both("sparse_delta_init_std"), dest="sparse_delta_init_std", type=float,
         default=_DEFAULTS.delta_init_std,
         help="delta starts at randn * this (0: exactly the foundation at step 0; the paper's code: 1e-2)",
@@ -174,6 +179,7 @@ def sparse_config_from_args(args: argparse.Namespace) -> Optional[SparseConfig]:
         straight_through=getattr(args, "sparse_straight_through", True),
         threshold_scale=getattr(args, "sparse_threshold_scale", _DEFAULTS.threshold_scale),
         budget=budget,
+        retrain_support=getattr(args, "sparse_retrain_support", False),
     )
 
 

@@ -103,6 +103,10 @@ class FineTuneHooks:
             optim.keep_threshold_lr_ratio_in_swa(optimizer, self.args.lr)
         if swa is not None and self.magnetic is not None and hasattr(swa, "loss_fn"):
             swa.loss_fn = self.loss(swa.loss_fn)
+        if swa is not None and self.sparse is not None and self.sparse.retrain_support and hasattr(swa, "loss_fn"):
+            from ..support import FixSupportOnFirstCall
+
+            swa.loss_fn = FixSupportOnFirstCall(swa.loss_fn, lambda: self.model)
         return swa
 
     def loss(self, loss_fn: torch.nn.Module) -> torch.nn.Module:
