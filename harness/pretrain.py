@@ -185,7 +185,9 @@ def write_card(name: str, state: Dict) -> Dict:
     n_train = len(ase.io.read(spec["data"] / "train.xyz", ":"))
     status = ("converged" if state["converged"] else "**not yet converged** (pretraining still under way; "
               "re-run the command below to continue)")
-    rows = "\n".join(f"| {e} | {v:.1f} |" for e, v in points[:: max(1, len(points) // 12)] + points[-1:])
+    sampled = points[:: max(1, len(points) // 12)]
+    sampled += [p for p in points[-1:] if p not in sampled]
+    rows = "\n".join(f"| {e} | {v:.1f} |" for e, v in sampled)
     test_row = (f"| test | {test['n_configs']} | {test['energy_mae_mev_per_atom']:.1f} | "
                 f"{test['forces_mae_mev_per_A']:.1f} | {test['forces_rmse_mev_per_A']:.1f} |") if test else "| test | – | – | – | – |"
     gain = f"{100 * state['tail_gain']:.2f} %" if state.get("tail_gain") is not None else "–"
