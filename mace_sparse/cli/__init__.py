@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from typing import List, Optional
 
 #: subcommand name -> module implementing it
@@ -25,12 +26,29 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage block first), naming ``--help``."""
+
+    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[name-defined]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
+def foundation_path(spec: str) -> str:
+    """argparse ``type`` of every model option: ``mace_sparse:<name>`` is the bundled file, as in ``mace_run_train``."""
+    from ..foundations import resolve
+
+    try:
+        return resolve(spec)
+    except (ValueError, FileNotFoundError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mace_sparse",
         description="Sparse fine-tuning of MACE models: delta files, reports and benchmarks.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         module.add_parser(sub, name)
@@ -48,6 +66,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # bad input (ValueError: bad file, mismatched delta, unwritable output) and the OS's refusals that no
         # pre-check could foresee (disk full, a race): one line on stderr, exit status 2, no traceback
         sys.stderr.write(f"mace_sparse {args.command}: error: {_one_line(exc)}\n")
+        return 2
+    except (RuntimeError, MemoryError) as exc:
+        # what torch raises when a write fails underneath it (torch.save on a full disk: "unexpected pos ..."),
+        # or an allocation that no size check foresaw: still one line, naming the usual cause
+        sys.stderr.write(f"mace_sparse {args.command}: error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+                         "(if a file was being written: is the disk full or the quota exceeded?)\n")
         return 2
 
 
