@@ -55,7 +55,7 @@ from .delta_schema import (
 )
 from .fingerprint import model_fingerprint, update_with_tensor
 from .index_codec import IndexCodecError, decode_indices, encode_indices
-from .value_codec import ValueCodecError, apply_xor, compress, decompress, element_width, shuffle, unshuffle, xor_bits
+from .value_codec import ValueCodecError, apply_xor, check_stream_size, compress, decompress, element_width, shuffle, unshuffle, xor_bits
 
 #: The format's constants and the header schema live in :mod:`.delta_schema` (re-exported here).
 __all__ = ["FORMAT", "FORMAT_VERSION", "JSON_KEYS", "LAYER_COLUMNS", "ENTRY_COLUMNS", "STREAM_COLUMNS",
@@ -451,6 +451,16 @@ def header_from_bytes(data: bytes, where: str = "delta file") -> DeltaHeader:
     view = memoryview(data)
     raw, stored = read_container(io.BytesIO(data), len(data), where)
     return _checked_header(raw, stored, lambda offset, size: view[offset : offset + size], where)
+
+
+def verify_streams(header: DeltaHeader) -> None:
+    """Check that every stream decodes to the size its header claims, in memory independent of that size."""
+    for name, info in header.checked["_streams"].items():
+        offset, size = header.stored[name]
+        try:
+            check_stream_size(info["codec"], _chunks(header.read, offset, size), info["count"] * info["width"])
+        except ValueCodecError as exc:
+            raise DeltaFileError(f"{header.where} has inconsistent contents (stream {name!r}: {exc})") from exc
 
 
 def decode_delta(header: DeltaHeader, model: Optional[torch.nn.Module] = None) -> SparseDelta:

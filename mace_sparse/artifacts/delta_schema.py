@@ -289,6 +289,12 @@ def _check_entries(meta: Dict[str, Any], streams: Mapping[str, Dict], check: _Ch
     for name, stream in streams.items():
         if name != "index" and value_end.get(stream["dtype"], 0) != stream["count"]:
             check.fail(f"stream {name!r} holds {stream['count']} values, the entries use {value_end.get(stream['dtype'], 0)}")
+    layers = {r["name"]: r for r in meta["layers"]}
+    for entry in entries:  # a run's delta changes adapted weights only: each must agree with its layer record
+        record = layers.get(entry["name"])
+        if entry["parameter"] and layers and (record is None or record["shape"] != entry["shape"]
+                                              or record["changed"] != entry["count"]):
+            check.fail(f"entry {entry['name']} ({entry['count']} of {entry['shape']}) does not match the layers table")
     parameters = [e for e in entries if e["parameter"]]
     if sum(e["count"] for e in parameters) != meta["changed_entries"]:
         check.fail("changed_entries is not the number of changed parameter entries in the entry table")

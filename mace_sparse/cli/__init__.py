@@ -7,6 +7,7 @@ only dispatches, so adding a command never touches another command's code.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import typing
@@ -71,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # what torch raises when a write fails underneath it (torch.save on a full disk: "unexpected pos ..."),
         # or an allocation that no size check foresaw: still one line, naming the usual cause
         sys.stderr.write(f"mace_sparse {args.command}: error: {type(exc).__name__}: {_one_line(exc)[:300]} "
-                         "(if a file was being written: is the disk full or the quota exceeded?)\n")
+                         "(if a file was being written: the disk may be full)\n")
         return 2
 
 
@@ -80,7 +81,13 @@ def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, OSError) and exc.strerror and exc.filename and exc.strerror not in text:
         text = f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        text += " (the disk is full or a quota/size limit was reached; free space and run again: nothing was written)"
     return text or type(exc).__name__
+
+
+#: errno values of a write that ran out of room
+_FULL = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name)}
 
 
 if __name__ == "__main__":

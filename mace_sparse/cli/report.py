@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts.delta_file import DeltaMismatchError, decode_delta, read_delta_header
+    from ..artifacts.delta_file import DeltaMismatchError, decode_delta, read_delta_header, verify_streams
     from ..artifacts.fingerprint import model_fingerprint
     from ..artifacts.report import add_relative_change, format_report, report_data
 
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         reason = unwritable_reason(args.plot)
         if reason is not None:
             raise OutputPathError(f"cannot write plots into {args.plot}: {reason}; choose a writable --plot DIR")
-    delta = read_delta_header(args.delta)  # the report needs the (checked) header only: nothing decompressed
+    delta = read_delta_header(args.delta)  # the report needs the (checked) header only; the streams are
+    verify_streams(delta)  # decoded chunk by chunk and discarded, so memory does not grow with their claims
     data = report_data(delta)
     if args.foundation:
         from ..artifacts.model_io import load_model
