@@ -217,16 +217,26 @@ def check_restart(args: Any, sparse: Optional[SparseConfig], magnetic: bool) -> 
 # --------------------------------------------------------------------------------------------- divergence
 
 
-def check_finite(valid_loss: Any, parameters: Iterable[Any], epoch: Optional[int], lr: float) -> None:
-    """Stop a diverged run (non-finite validation loss or trainable weights) before it is checkpointed or saved."""
+#: A validation loss this many times the first one is divergence too: with ``--lr 1e3`` the loss of epoch 0 was
+#: 5e282 (finite; MACE checkpointed it), NaN from epoch 1. A fine-tune that works never grows its loss 10^4-fold.
+DIVERGENCE_FACTOR = 1e4
+
+
+def check_finite(valid_loss: Any, parameters: Iterable[Any], epoch: Optional[int], lr: float,
+                 first_loss: Optional[float] = None) -> None:
+    """Stop a diverged run before it is checkpointed or saved: a non-finite validation loss or trainable weight,
+    or a loss :data:`DIVERGENCE_FACTOR` times ``first_loss`` (the run's first validation loss)."""
     import torch
 
     loss = float(valid_loss) if valid_loss is not None else 0.0
     bad_weights = any(not bool(torch.isfinite(p).all()) for p in parameters)
-    if math.isfinite(loss) and not bad_weights:
+    exploded = first_loss is not None and math.isfinite(first_loss) and first_loss > 0 and \
+        loss > DIVERGENCE_FACTOR * first_loss
+    if math.isfinite(loss) and not bad_weights and not exploded:
         return
     when = f"epoch {epoch}" if epoch is not None else "the first validation (before epoch 0)"
-    what = f"validation loss {loss}" + (" and non-finite weights" if bad_weights else "")
+    what = f"validation loss {loss:.3g}" + (" and non-finite weights" if bad_weights else "") + \
+        (f", {loss / first_loss:.1e} times the first ({first_loss:.3g})" if exploded and math.isfinite(loss) else "")
     raise SparseConfigError(
         f"training diverged at {when} ({what}); the likely cause is a learning rate too large for this "
         f"model (--lr {lr}): lower --lr (e.g. by 10x); no model or delta was saved"

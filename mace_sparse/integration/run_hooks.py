@@ -33,6 +33,8 @@ class FineTuneHooks:
         self.saved_stems: List[str] = []
         #: one line per promised output that could not be written (the run then fails after MACE's own saves)
         self.failures: List[str] = []
+        #: the run's first validation loss (divergence is judged against it)
+        self.first_valid_loss: Optional[float] = None
         #: how the caller wired these hooks into MACE (set by the caller, logged with the model set-up)
         self.wiring: Optional[str] = None
 
@@ -161,7 +163,9 @@ class FineTuneHooks:
         from .run_guards import check_finite
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        check_finite(valid_loss, trainable, epoch, float(self.args.lr))
+        check_finite(valid_loss, trainable, epoch, float(self.args.lr), self.first_valid_loss)
+        if self.first_valid_loss is None:
+            self.first_valid_loss = float(valid_loss)
 
     # ----------------------------------------------------------------------------------------- logging
     def validation_suffix(self, eval_metrics: Dict[str, Any]) -> str:
