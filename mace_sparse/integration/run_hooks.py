@@ -52,9 +52,10 @@ class FineTuneHooks:
             raise RuntimeError("mace-sparse: configure_model called twice in one run (hook and patch both active?)")
         if self.wiring is not None:
             logging.info(f"mace-sparse wiring: {self.wiring}")
-        from .run_guards import write_settings
+        if getattr(self.args, "name", None) is not None:  # a mace_run_train run (not hooks driven from Python)
+            from .run_guards import write_settings
 
-        write_settings(self.args, self.sparse, self.magnetic is not None)  # compared by a later --restart_latest
+            write_settings(self.args, self.sparse, self.magnetic is not None)  # read by a later --restart_latest
         if self.magnetic is not None:
             from ..magnetism.statistics import training_frames
 
