@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 import typing
 from typing import List, Optional
@@ -68,11 +69,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         # pre-check could foresee (disk full, a race): one line on stderr, exit status 2, no traceback
         sys.stderr.write(f"mace_sparse {args.command}: error: {_one_line(exc)}\n")
         return 2
-    except (RuntimeError, MemoryError) as exc:
-        # what torch raises when a write fails underneath it (torch.save on a full disk: "unexpected pos ..."),
-        # or an allocation that no size check foresaw: still one line, naming the usual cause
+    except Exception as exc:  # noqa: BLE001
+        # anything else (a RuntimeError from torch, an allocation no size check foresaw, a bug): still one line;
+        # MACE_SPARSE_TRACEBACK=1 shows the traceback for a bug report
+        if os.environ.get("MACE_SPARSE_TRACEBACK"):
+            raise
         sys.stderr.write(f"mace_sparse {args.command}: error: {type(exc).__name__}: {_one_line(exc)[:300]} "
-                         "(if a file was being written: the disk may be full)\n")
+                         "(unexpected; rerun with MACE_SPARSE_TRACEBACK=1 for the traceback)\n")
         return 2
 
 
