@@ -175,16 +175,16 @@ def test_malformed_metadata_is_refused_in_one_line_and_nothing_is_written(genuin
 # ------------------------------------------------------------------------------------- item 11: memory bombs
 
 
-def _compressed_zeros(codec, size):
-    """``size`` zero bytes compressed without ever holding them (streamed)."""
+def _compressed_zeros(codec, size, fill=0):
+    """``size`` bytes ``fill`` (zeros by default) compressed without ever holding them (streamed)."""
     encoder = zlib.compressobj(9) if codec == "zlib" else lzma.LZMACompressor(format=lzma.FORMAT_XZ)
-    chunk, out = bytes(1 << 24), []
+    chunk, out = bytes([fill]) * (1 << 24), []
     for _ in range(size // len(chunk)):
         out.append(encoder.compress(chunk))
     return b"".join(out) + encoder.flush()
 
 
-def bomb(genuine, path, codec, count, consistent):
+def bomb(genuine, path, codec, count, consistent, fill=0):
     """A re-sealed delta, with the real foundation's fingerprint, claiming one fully changed ``count``-entry uint8
     tensor whose stream is ``count`` compressed zeros. ``consistent``: the layers table agrees, so that the
     header passes every schema check and only the model's tensor shapes can refuse it."""
@@ -205,7 +205,7 @@ def bomb(genuine, path, codec, count, consistent):
                                "rows": [["xor.uint8", codec, "uint8", count, 1]]}),
         "changed_entries": str(count), "total_entries": str(count),
     })
-    return reseal(path, metadata, {"xor.uint8": _compressed_zeros(codec, count)})
+    return reseal(path, metadata, {"xor.uint8": _compressed_zeros(codec, count, fill)})
 
 
 def peak_rss_mb(argv):
@@ -228,12 +228,14 @@ def test_memory_bombs_are_refused_in_one_line_within_bounded_memory(genuine, tmp
     zlib: 2.3 GB) stay within a small margin of the RSS of the same command on a genuine delta.
 
     An inconsistent header is refused by the schema. A fully consistent one describes a model of that size:
-    ``report`` then reports it (streams checked chunk by chunk, never held), ``apply`` refuses it at the model's
-    tensor shapes before decompressing anything."""
+    ``report`` checks its streams chunk by chunk (never held) and finds XOR zeros that change nothing, ``apply``
+    refuses it at the model's tensor shapes before decompressing anything."""
     foundation, _, good = genuine
     bombs = {
         "lzma-2^29": bomb(genuine, tmp_path / "lzma.safetensors", "lzma", 1 << 29, consistent=False),
         "zlib-2^30": bomb(genuine, tmp_path / "zlib.safetensors", "zlib", 1 << 30, consistent=True),
+        # every byte 0x01: a consistent header over a plausible stream, i.e. a real 2^29-entry delta
+        "lzma-2^29-ones": bomb(genuine, tmp_path / "ones.safetensors", "lzma", 1 << 29, consistent=True, fill=1),
     }
     assert all(p.stat().st_size < 2 << 20 for p in bombs.values())  # small files, huge claims
     out = tmp_path / "out.model"
@@ -246,8 +248,10 @@ def test_memory_bombs_are_refused_in_one_line_within_bounded_memory(genuine, tmp
     margin = max(2 * model_mb, 64.0)  # the issue's bound (2x the model), at least 64 MB of allocator noise
     expected = {("lzma-2^29", "report"): (2, "does not match the layers table"),
                 ("lzma-2^29", "apply"): (2, "does not match the layers table"),
-                ("zlib-2^30", "report"): (0, ""),
-                ("zlib-2^30", "apply"): (2, "which the given model does not have")}
+                ("zlib-2^30", "report"): (2, "decodes to zeros only"),  # checked chunk by chunk, never held
+                ("zlib-2^30", "apply"): (2, "which the given model does not have"),
+                ("lzma-2^29-ones", "report"): (0, ""),  # reported from its header; streams never held
+                ("lzma-2^29-ones", "apply"): (2, "which the given model does not have")}
     for label, path in bombs.items():
         for command, argv in (("report", ["report", path]),
                               ("apply", ["apply", "--foundation", foundation, "--delta", path, "-o", out])):

@@ -458,9 +458,12 @@ def verify_streams(header: DeltaHeader) -> None:
     for name, info in header.checked["_streams"].items():
         offset, size = header.stored[name]
         try:
-            check_stream_size(info["codec"], _chunks(header.read, offset, size), info["count"] * info["width"])
+            nonzero = check_stream_size(info["codec"], _chunks(header.read, offset, size), info["count"] * info["width"])
         except ValueCodecError as exc:
             raise DeltaFileError(f"{header.where} has inconsistent contents (stream {name!r}: {exc})") from exc
+        if name != "index" and info["count"] and not nonzero:
+            raise DeltaFileError(f"{header.where}: stream {name!r} decodes to zeros only, i.e. its {info['count']} "
+                                 "'changed' entries change nothing; not a delta file (crafted or damaged)")
 
 
 def decode_delta(header: DeltaHeader, model: Optional[torch.nn.Module] = None) -> SparseDelta:

@@ -129,15 +129,23 @@ def decompress(codec: str, data: bytes, size: int) -> bytes:
     return out
 
 
-def check_stream_size(codec: str, chunks: Iterable[bytes], size: int, step: int = 1 << 22) -> None:
+def check_stream_size(codec: str, chunks: Iterable[bytes], size: int, step: int = 1 << 22) -> bool:
     """Decode a stored stream chunk by chunk and discard it: it must decode to exactly ``size`` bytes.
 
     Memory stays at about ``step`` whatever the stream claims, so a report can verify a file it never decodes.
+    Returns whether any decoded byte is non-zero (an XOR stream of zeros only would change nothing).
     """
+    nonzero = False
+
+    def seen(out: bytes) -> int:
+        nonlocal nonzero
+        nonzero = nonzero or out.count(0) != len(out)
+        return len(out)
+
     if codec not in CODECS:
         raise ValueCodecError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
     if codec == "raw":
-        produced = sum(len(chunk) for chunk in chunks)
+        produced = sum(seen(bytes(chunk)) for chunk in chunks)
         trailing = False
     else:
         decoder = zlib.decompressobj() if codec == "zlib" else \
@@ -150,7 +158,7 @@ def check_stream_size(codec: str, chunks: Iterable[bytes], size: int, step: int 
                     continue
                 data = bytes(chunk)
                 while produced <= size and not decoder.eof:
-                    produced += len(decoder.decompress(data, step))
+                    produced += seen(decoder.decompress(data, step))
                     data = decoder.unconsumed_tail if codec == "zlib" else b""
                     if (codec == "zlib" and not data) or (codec == "lzma" and decoder.needs_input):
                         break
@@ -164,3 +172,4 @@ def check_stream_size(codec: str, chunks: Iterable[bytes], size: int, step: int 
     if produced != size or trailing:
         raise ValueCodecError(f"{codec} data decodes to {'more than ' if produced > size else ''}{produced} bytes"
                               f"{' and trailing data' if trailing else ''}, expected {size}")
+    return nonzero
