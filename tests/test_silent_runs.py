@@ -189,6 +189,23 @@ def test_a_delta_that_fails_at_save_time_fails_the_run(monkeypatch):
     line = run_hooks._write_sparse_artifacts(None, None, ".", "ft")
     assert line.startswith("the run finished but could not write the sparse delta / sparsity report of ft "
                            "([Errno 28] No space left on device)"), line
+    # the wrapped run() exits with that line once MACE's run() has returned (its own saves done)
+    import types
+
+    from mace_sparse.integration import mace_patches
+
+    hooks = run_hooks.FineTuneHooks(None, None, None)
+    calls = []
+
+    def mace_run(args):
+        calls.append(args)
+        hooks.failures.append(line)  # what before_save records when the delta cannot be written
+
+    fake = types.SimpleNamespace(_mace_sparse_original_run=mace_run)
+    monkeypatch.setattr(mace_patches, "validate_run_args", lambda args: hooks)
+    with pytest.raises(SystemExit) as info:
+        mace_patches._patched_run(fake)(types.SimpleNamespace(distributed=False))
+    assert calls and info.value.code == PREFIX + line
 
 
 # ---------------------------------------------------------------------------------------- item 8: restart
