@@ -147,8 +147,16 @@ def settings_path(args: Any) -> Path:
 
 
 def write_settings(args: Any, sparse: Optional[SparseConfig], magnetic: bool) -> None:
-    """Record the run's settings beside its checkpoints (called when the model is configured, before training)."""
+    """Record the run's settings beside its checkpoints (called when the model is configured, before training).
+
+    Written by rank 0 only, as MACE writes its checkpoints.
+    """
+    import torch.distributed as dist
+
     from ..artifacts.atomic import atomic_write_bytes
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
 
     text = json.dumps(settings_record(sparse, magnetic), indent=1, sort_keys=True) + "\n"
     atomic_write_bytes(settings_path(args), text.encode("utf-8"))
