@@ -8,7 +8,6 @@ is checked to be untouched. The restart and divergence cases need a real run and
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 

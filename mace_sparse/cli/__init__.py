@@ -11,7 +11,7 @@ import errno
 import importlib
 import os
 import sys
-import typing
+from typing import NoReturn
 from typing import List, Optional
 
 #: subcommand name -> module implementing it
@@ -31,7 +31,7 @@ SUBCOMMANDS = {
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (argparse prints the usage block first), naming ``--help``."""
 
-    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[name-defined]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
 
 
