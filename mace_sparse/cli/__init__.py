@@ -11,8 +11,7 @@ import errno
 import importlib
 import os
 import sys
-from typing import NoReturn
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 #: subcommand name -> module implementing it
 SUBCOMMANDS = {
