@@ -91,8 +91,8 @@ def read_container(handle: BinaryIO, file_size: int, where: str) -> Tuple[Dict[s
         raise DeltaFileError(f"{where} is not a safetensors file (no JSON header); give a delta file")
     try:
         header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DeltaFileError(f"{where} has a corrupted header ({exc.__class__.__name__}); not a delta file") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: crafted nesting
+        raise DeltaFileError(f"{where} has a corrupted header ({exc.__class__.__name__}); not a delta file") from None
     metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise DeltaFileError(f"{where} is not a mace-sparse delta file (no '{FORMAT}' metadata)")
@@ -190,7 +190,7 @@ def _decode_json(raw: Mapping[str, str], check: _Checker) -> Dict[str, Any]:
             check.fail(f"key {key!r} is missing")
         try:
             decoded[key] = json.loads(raw[key])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             check.fail(f"{key!r} is not valid JSON ({raw[key][:40]!r})")
     return decoded
 
