@@ -72,7 +72,8 @@ def shifted_data(emt_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("e0")
     frames = ase.io.read(emt_data["slab_train"], ":10")
     out = {}
-    for name, shift, moments in (("shifted", -3000.0, False), ("plain", 0.0, False), ("shifted_mag", -3000.0, True)):
+    for name, shift, moments in (("shifted", -3000.0, False), ("plain", 0.0, False), ("shifted_mag", -3000.0, True),
+                                 ("cohesive", -5.0, False)):
         copies = [a.copy() for a in frames]
         for a in copies:
             a.info["REF_energy"] = a.info["REF_energy"] + shift * len(a)
@@ -115,6 +116,9 @@ def test_fitted_or_matching_e0s_pass_the_check(tiny_foundation, shifted_data, tm
     assert validate_run_args(parsed(args, monkeypatch, tmp_path / "a")).sparse is not None
     plain = base_args(tiny_foundation, shifted_data["plain"])  # the foundation's own reference: no false alarm
     assert validate_run_args(parsed(plain, monkeypatch, tmp_path / "b")).sparse is not None
+    # an offset of a cohesive energy (isolated-atom E0s on a foundation fitted with --E0s average) is chemistry
+    cohesive = base_args(tiny_foundation, shifted_data["cohesive"])
+    assert validate_run_args(parsed(cohesive, monkeypatch, tmp_path / "c")).sparse is not None
     assert written_files(tmp_path / "a") == [] and written_files(tmp_path / "b") == []
 
 
