@@ -199,7 +199,10 @@ def check_restart(args: Any, sparse: Optional[SparseConfig], magnetic: bool) -> 
     if latest is None:
         return
     record = settings_path(args)
-    old = json.loads(record.read_text()) if record.is_file() else _checkpoint_kind(latest)
+    try:
+        old = json.loads(record.read_text()) if record.is_file() else _checkpoint_kind(latest)
+    except Exception:  # noqa: BLE001  (an unreadable record or checkpoint: MACE's own restart reports it)
+        return
     new = settings_record(sparse, magnetic)
     where = f"--restart_latest: the checkpoints in {latest.parent} ({latest.name})"
     if old.get("finetune_method") != new["finetune_method"]:
