@@ -4,7 +4,10 @@ Why this format:
 
 * **safetensors**, so that reading a delta (which may come from anyone) never unpickles or executes code;
   only ``apply``/``revert`` load the user's own ``.model`` pickle. Loading runs nothing beyond ``zlib``/``lzma``
-  decompression, bounded by the sizes the metadata announces.
+  decompression. Delta files are shared like adapters, so the container is parsed by hand and the whole
+  header is validated (:mod:`.delta_schema`) before anything is decompressed, every claimed size is checked
+  against the stored bytes and (``apply``/``revert``) the model's tensors, and files are written with sorted
+  keys so that identical deltas are identical bytes.
 * **Only changed entries.** An entry is "changed" when its bits differ between the merged model and the
   foundation (bitwise, not ``!=``: ``W + 0`` turns ``-0.0`` into ``0.0``, and a tiny ΔW can round away).
   Per tensor the file holds the compactly encoded flat indices (:mod:`.index_codec`) and, for the values,
@@ -55,11 +58,12 @@ from .delta_schema import (
 )
 from .fingerprint import model_fingerprint, update_with_tensor
 from .index_codec import IndexCodecError, decode_indices, encode_indices
-from .value_codec import ValueCodecError, apply_xor, check_stream_size, compress, decompress, element_width, shuffle, unshuffle, xor_bits
+from .value_codec import (
+    ValueCodecError, apply_xor, check_stream_size, compress, decompress, element_width, shuffle, unshuffle, xor_bits,
+)
 
-#: The format's constants and the header schema live in :mod:`.delta_schema` (re-exported here).
-__all__ = ["FORMAT", "FORMAT_VERSION", "JSON_KEYS", "LAYER_COLUMNS", "ENTRY_COLUMNS", "STREAM_COLUMNS",
-           "DeltaFileError", "DeltaMismatchError", "DeltaEntry", "DeltaHeader", "SparseDelta"]
+# The format's constants, DeltaFileError and the header schema live in .delta_schema (imported above, so that
+# `from mace_sparse.artifacts.delta_file import FORMAT, DeltaFileError, ...` keeps working).
 
 
 class DeltaMismatchError(ValueError):
