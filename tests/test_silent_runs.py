@@ -125,13 +125,14 @@ def test_fitted_or_matching_e0s_pass_the_check(tiny_foundation, shifted_data, tm
 # ----------------------------------------------------------------------------------- item 2: forces key
 
 
-def test_an_explicit_forces_key_found_in_no_frame_is_refused(run_train_module, tiny_foundation, emt_data, tmp_path,
-                                                             monkeypatch):
+@pytest.mark.parametrize("flag,typo", [("forces_key", "REF_force"), ("energy_key", "REF_E")])
+def test_an_explicit_label_key_found_in_no_frame_is_refused(run_train_module, tiny_foundation, emt_data, tmp_path,
+                                                            monkeypatch, flag, typo):
     args = base_args(tiny_foundation, emt_data["slab_train"])
-    args[args.index("REF_forces")] = "REF_force"
+    args[args.index(f"--{flag}") + 1] = typo
     line = refused(run_train_module, monkeypatch, tmp_path / "w", args)
-    assert line.startswith(PREFIX + "--forces_key 'REF_force' is in no configuration of the training data"), line
-    assert "REF_forces" in line and "give the key your file uses" in line
+    assert line.startswith(PREFIX + f"--{flag} '{typo}' is in no configuration of the training data"), line
+    assert "REF_forces" in line and "REF_energy" in line and "give the key your file uses" in line
 
 
 # -------------------------------------------------------------------------- item 3: sparse flags, no method

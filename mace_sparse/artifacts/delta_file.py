@@ -508,9 +508,13 @@ def delta_from_bytes(data: bytes, where: str = "delta file") -> SparseDelta:
     return decode_delta(header_from_bytes(data, where))
 
 
-def load_delta(path: PathLike) -> SparseDelta:
-    """Read and verify a delta file (no code is executed; the whole header is checked before anything is used)."""
-    return decode_delta(read_delta_header(path))
+def load_delta(path: PathLike, model: Optional[torch.nn.Module] = None) -> SparseDelta:
+    """Read and verify a delta file (no code is executed; the whole header is checked before anything is used).
+
+    Pass the ``model`` the delta is for (foundation or fine-tuned) to bound decoding by its tensors: without
+    it a file from someone else is decoded as large as its (self-consistent) header claims.
+    """
+    return decode_delta(read_delta_header(path), model)
 
 
 # ------------------------------------------------------------------------------------- applying, reverting
