@@ -229,8 +229,9 @@ def check_restart(args: Any, sparse: Optional[SparseConfig], magnetic: bool) -> 
 
 
 #: A validation loss this many times the first one is divergence too: with ``--lr 1e3`` the loss of epoch 0 was
-#: 5e282 (finite; MACE checkpointed it), NaN from epoch 1. A fine-tune that works never grows its loss 10^4-fold.
-DIVERGENCE_FACTOR = 1e4
+#: 5e282 (finite; MACE checkpointed it), NaN from epoch 1. A fine-tune that works never grows its loss a
+#: million-fold (the margin covers a foundation that starts with an almost zero loss on the data).
+DIVERGENCE_FACTOR = 1e6
 
 
 def check_finite(valid_loss: Any, parameters: Iterable[Any], epoch: Optional[int], lr: float,
