@@ -284,3 +284,22 @@ def test_a_diverging_sparse_run_stops_with_one_line_and_saves_nothing(tiny_found
     assert "likely cause is a learning rate too large for this model (--lr 1000.0): lower --lr" in lines[-1]
     saved = [p.name for p in work.rglob("*") if p.suffix in (".model", ".safetensors", ".json", ".pt")]
     assert saved == [] or saved == ["ft_run-1_mace_sparse.json"], saved  # no model, delta, report or checkpoint
+
+
+def test_divergence_criteria():
+    """Non-finite loss or weights, or a loss a million times the first, stop the run; ordinary noise does not."""
+    import torch
+
+    from mace_sparse.config import SparseConfigError
+    from mace_sparse.integration.run_guards import check_finite
+
+    finite = [torch.ones(3)]
+    check_finite(40.0, finite, 3, 0.01, first_loss=45.0)
+    check_finite(1e-2, finite, 3, 0.01, first_loss=1e-7)  # 1e5x of an almost perfect start: still training
+    for loss, weights, fragment in ((float("nan"), finite, "validation loss nan"),
+                                    (5e282, finite, "times the first (45)"),
+                                    (1.0, [torch.tensor([1.0, float("inf")])], "and non-finite weights")):
+        with pytest.raises(SparseConfigError) as info:
+            check_finite(loss, weights, 0, 1000.0, first_loss=45.0)
+        assert str(info.value).startswith("training diverged at epoch 0 (") and fragment in str(info.value)
+        assert "lower --lr" in str(info.value) and "\n" not in str(info.value)
