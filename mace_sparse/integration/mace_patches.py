@@ -70,6 +70,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional
 
 from ..config import SparseConfig, SparseConfigError
 from ..magnetism.config import MagneticConfig, MagneticConfigError
+from . import run_guards as guards
 from .arguments import add_sparse_arguments, magnetic_config_from_args, sparse_config_from_args
 from .input_checks import _as_paths, check_inputs
 from .run_hooks import FineTuneHooks
@@ -189,8 +190,6 @@ def validate_run_args(args: Any) -> FineTuneHooks:
     ``--foundation_model mace_sparse:<name>`` is turned into the bundled file's path first, for every run.
     """
     resolve_bundled_foundation(args)
-    from . import run_guards as guards
-
     active = getattr(args, "finetune_method", "full") == "sparse_str" or getattr(args, "magmom_weight", 0) > 0
     _guarded(guards.check_config_spellings, args, active)
     _guarded(guards.check_sparse_flags_need_method, args)
