@@ -27,11 +27,9 @@ class SparseConfigError(ValueError):
 
 
 def parse_targets(spec: str | Tuple[str, ...] | list) -> Tuple[str, ...]:
-    """Turn ``"linear,radial"`` / ``"all"`` / a sequence into a tuple of known kinds, in canonical order."""
-    if isinstance(spec, str):
-        items = [s.strip() for s in spec.split(",") if s.strip()]
-    else:
-        items = [str(s).strip() for s in spec]
+    """Turn ``"linear,radial"`` / ``"all"`` / a sequence (of names or comma lists) into known kinds, in order."""
+    parts = [spec] if isinstance(spec, str) else [str(s) for s in spec]  # a list: YAML or several CLI words
+    items = [s.strip() for part in parts for s in part.split(",") if s.strip()]
     if not items:
         raise SparseConfigError(
             "--sparse_targets is empty: give a comma list of "

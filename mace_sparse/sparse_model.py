@@ -151,16 +151,30 @@ def sparsity_stats(model: torch.nn.Module) -> SparsityStats:
 
 
 def trainable_parameter_counts(model: torch.nn.Module) -> Dict[str, int]:
+    """``trainable`` and ``all`` as peft counts them, so that ``trainable <= all`` always holds.
+
+    peft's "all params" is every parameter of the wrapped model: the base weights *plus* the adapter. Here the
+    base weights of an adapted tensor live in a frozen buffer and its adapter is the latent ΔW and threshold
+    score, so "all" is the plain model's weights (:func:`total_model_entries`) plus ΔW and the scores; a plain
+    model counts its parameters. Counting only the plain model (as before) let trainable exceed all.
+    """
+    model = getattr(model, "module", model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "all": total_model_entries(model) if is_sparse_model(model) else
-            sum(p.numel() for p in model.parameters())}
+    if not is_sparse_model(model):
+        return {"trainable": trainable, "all": sum(p.numel() for p in model.parameters())}
+    adapter = sum(
+        owner._parameters[key.format(name)].numel()
+        for _, owner, name in rp.iter_reparametrized(model)
+        for key in (rp.DELTA, rp.SCORE)
+    )
+    return {"trainable": trainable, "all": total_model_entries(model) + adapter}
 
 
 def trainable_parameters_line(model: torch.nn.Module) -> str:
-    """``trainable params: N || all params: M || trainable%: p`` as peft prints it.
+    """``trainable params: N || all params: M || trainable%: p`` with peft's meaning.
 
-    "all params" counts the weights of the plain MACE model; the trainable ones are the latent deltas and
-    threshold scores (and any fully trainable extra module).
+    "all params" is the base model's weights plus the adapter (latent deltas and threshold scores); the
+    trainable ones are the adapter (and any fully trainable extra module), so ``trainable% <= 100``.
     """
     counts = trainable_parameter_counts(model)
     return (

@@ -543,7 +543,13 @@ def test_mixed_dtypes_apply_and_revert_through_the_file(tmp_path):
     entries, _ = diff_models(foundation, merged)
     assert set(entries) == {"a", "b", "c", "d", "n", "flag"}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "foundation_fingerprint":
-                model_fingerprint(foundation), "merged_fingerprint": model_fingerprint(merged)}
+                model_fingerprint(foundation), "merged_fingerprint": model_fingerprint(merged),
+                # the rest of the header every delta must carry (checked against the schema when read)
+                "mace_sparse_version": "test", "mace_torch_version": "test", "torch_version": torch.__version__,
+                "targets": [], "granularity": "layer", "threshold_weight_decay": 0.0, "sparse_config": {},
+                "atomic_numbers": [], "layers": [], "adapted_entries": 0, "changed_adapted_entries": 0,
+                "changed_entries": sum(e.count for e in entries.values() if e.parameter),
+                "total_entries": sum(p.numel() for p in merged.parameters())}
     data = delta_to_bytes(SparseDelta(entries=entries, metadata=metadata))
     (tmp_path / "d.safetensors").write_bytes(data)
     _, tensors = stored_sizes(tmp_path / "d.safetensors")
@@ -600,7 +606,7 @@ def _extra_tensor(tensors):
 def test_resealed_forgeries_are_refused(sparse_case, edit):
     path = sparse_case[3]
     _rewrite(path, **edit)
-    with pytest.raises(DeltaFileError, match="inconsistent contents|does not list|claims"):
+    with pytest.raises(DeltaFileError, match="inconsistent contents|does not list|claims|malformed metadata"):
         load_delta(path)
 
 

@@ -423,7 +423,9 @@ def test_print_trainable_parameters_line(foundation_model, capsys):
     all_params = int(match.group(2).replace(",", ""))
     n_weights = len(list(rp.iter_reparametrized(sparse)))
     assert trainable == total + n_weights  # every ΔW entry plus one score per tensor (layer granularity)
-    assert all_params == total  # counted as the plain MACE model
+    # peft's meaning: all = the base model's weights plus the adapter (ΔW and scores), so trainable <= all
+    assert all_params == total + trainable
+    assert trainable <= all_params and float(match.group(3)) <= 100.0
     assert match.group(3) == f"{100.0 * trainable / all_params:.4f}"
     if total >= 1000:
         assert "," in match.group(2)  # thousands separators, as peft prints them

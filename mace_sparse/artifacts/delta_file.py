@@ -4,7 +4,10 @@ Why this format:
 
 * **safetensors**, so that reading a delta (which may come from anyone) never unpickles or executes code;
   only ``apply``/``revert`` load the user's own ``.model`` pickle. Loading runs nothing beyond ``zlib``/``lzma``
-  decompression, bounded by the sizes the metadata announces.
+  decompression. Delta files are shared like adapters, so the container is parsed by hand and the whole
+  header is validated (:mod:`.delta_schema`) before anything is decompressed, every claimed size is checked
+  against the stored bytes and (``apply``/``revert``) the model's tensors, and files are written with sorted
+  keys so that identical deltas are identical bytes.
 * **Only changed entries.** An entry is "changed" when its bits differ between the merged model and the
   foundation (bitwise, not ``!=``: ``W + 0`` turns ``-0.0`` into ``0.0``, and a tiny ΔW can round away).
   Per tensor the file holds the compactly encoded flat indices (:mod:`.index_codec`) and, for the values,
@@ -39,41 +42,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
-import struct
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .atomic import PathLike, atomic_write_bytes
+from .delta_schema import (
+    ENTRY_COLUMNS, FORMAT, FORMAT_VERSION, JSON_KEYS, LAYER_COLUMNS, STREAM_COLUMNS, DeltaFileError,
+    check_against_model, container_bytes, read_container, update_with_stored, validate_header,
+)
 from .fingerprint import model_fingerprint, update_with_tensor
 from .index_codec import IndexCodecError, decode_indices, encode_indices
-from .value_codec import ValueCodecError, apply_xor, compress, decompress, element_width, shuffle, unshuffle, xor_bits
-
-FORMAT = "mace-sparse-delta"
-#: 1: ``new.<dtype>``/``old.<dtype>`` value arrays (never released); 2: one compressed XOR stream per dtype.
-FORMAT_VERSION = "2"
-#: Metadata values stored as JSON (everything else is a plain string).
-JSON_KEYS = (
-    "targets",
-    "threshold_weight_decay",
-    "sparse_config",
-    "atomic_numbers",
-    "entries",
-    "streams",
-    "layers",
-    "changed_entries",
-    "total_entries",
-    "adapted_entries",
-    "changed_adapted_entries",
+from .value_codec import (
+    ValueCodecError, apply_xor, check_stream_size, compress, decompress, element_width, shuffle, unshuffle, xor_bits,
 )
 
-
-class DeltaFileError(ValueError):
-    """The file is not an intact mace-sparse delta (truncated, modified, or another format)."""
+# The format's constants, DeltaFileError and the header schema live in .delta_schema (imported above, so that
+# `from mace_sparse.artifacts.delta_file import FORMAT, DeltaFileError, ...` keeps working).
 
 
 class DeltaMismatchError(ValueError):
@@ -128,11 +118,9 @@ class DeltaEntry:
         return self.other_values(merged_tensor.detach().to("cpu").reshape(-1)[self.indices])
 
 
-@dataclasses.dataclass
-class SparseDelta:
-    """A loaded (or freshly built) delta: changed entries per tensor plus decoded metadata."""
+class _DeltaInfo:
+    """The figures every delta (header only, or decoded) answers from its metadata."""
 
-    entries: Dict[str, DeltaEntry]
     metadata: Dict[str, Any]
 
     @property
@@ -154,6 +142,29 @@ class SparseDelta:
     @property
     def total_entries(self) -> int:
         return int(self.metadata["total_entries"])
+
+
+@dataclasses.dataclass
+class SparseDelta(_DeltaInfo):
+    """A loaded (or freshly built) delta: changed entries per tensor plus decoded metadata."""
+
+    entries: Dict[str, DeltaEntry]
+    metadata: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class DeltaHeader(_DeltaInfo):
+    """A delta file whose container, payload hash and whole header passed every check; nothing decompressed.
+
+    ``metadata`` is what :class:`SparseDelta` holds; the validated tables are kept apart (``checked``) for
+    :func:`decode_delta`, which reads and decompresses the streams, bounded by a model when it is given one.
+    """
+
+    where: str
+    metadata: Dict[str, Any]
+    checked: Dict[str, Any]
+    stored: Dict[str, Tuple[int, int]]
+    read: Callable[[int, int], bytes]
 
 
 # ------------------------------------------------------------------------------------------------ diffing
@@ -298,18 +309,8 @@ def payload_sha256(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tens
     return digest.hexdigest()
 
 
-#: Columns of the per-layer records as stored (columnar: the keys are not repeated for every layer).
-LAYER_COLUMNS = ("name", "kind", "shape", "size", "changed", "threshold_granularity", "path_labels", "path_size",
-                 "path_changed", "path_threshold", "element_size", "element_changed")
-
-
 def _layers_to_columns(layers: List[dict]) -> dict:
     return {"columns": list(LAYER_COLUMNS), "rows": [[r.get(c) for c in LAYER_COLUMNS] for r in layers]}
-
-
-def _layers_from_columns(stored: dict) -> List[dict]:
-    columns = list(stored["columns"])
-    return [{c: v for c, v in zip(columns, row) if v is not None} for row in stored["rows"]]
 
 
 def _encode_metadata(metadata: Mapping[str, Any]) -> Dict[str, str]:
@@ -321,25 +322,6 @@ def _encode_metadata(metadata: Mapping[str, Any]) -> Dict[str, str]:
     return raw
 
 
-def _decode_metadata(raw: Mapping[str, str]) -> Dict[str, Any]:
-    decoded: Dict[str, Any] = {}
-    for key, value in raw.items():
-        decoded[key] = json.loads(value) if key in JSON_KEYS else value
-    if "layers" in decoded:
-        decoded["layers"] = _layers_from_columns(decoded["layers"])
-    return decoded
-
-
-#: Columns of the entry table in the metadata (one row per changed tensor, columnar to keep the header small).
-#: Offsets address the decompressed streams: ``index_offset``/``index_bytes`` in bytes of the ``index`` stream,
-#: ``value_offset`` in elements of the ``xor.<dtype>`` stream.
-ENTRY_COLUMNS = ("name", "shape", "dtype", "encoding", "count", "parameter", "index_offset", "index_bytes",
-                 "value_offset")
-#: Columns of the stream table: one row per stored tensor (``index``, ``xor.<dtype>``). ``count`` elements of
-#: ``width`` bytes decompress to ``count * width`` bytes; the index stream has dtype ``uint8`` and width 1.
-STREAM_COLUMNS = ("tensor", "codec", "dtype", "count", "width")
-
-
 def delta_to_bytes(delta: SparseDelta) -> bytes:
     """Serialise a delta to safetensors bytes (metadata gets the entry and stream tables and the payload hash).
 
@@ -347,8 +329,6 @@ def delta_to_bytes(delta: SparseDelta) -> bytes:
     addressed by offsets in the entry table: a safetensors header line per model tensor would otherwise cost
     more than the changes themselves in a small, very sparse delta, and one long stream compresses better.
     """
-    from safetensors.torch import save
-
     index_parts: List[bytes] = []
     index_offset = 0
     xor_parts: Dict[str, List[torch.Tensor]] = {}
@@ -368,10 +348,12 @@ def delta_to_bytes(delta: SparseDelta) -> bytes:
         xor_parts.setdefault(dtype, []).append(entry.xor)
         value_offset[dtype] = start + entry.count
     tensors: Dict[str, torch.Tensor] = {}
+    stored_bytes: Dict[str, bytes] = {}
     streams = []
 
     def add_stream(tensor_name: str, raw: bytes, dtype: str, count: int, width: int) -> None:
         codec, stored = compress(raw)
+        stored_bytes[tensor_name] = stored
         tensors[tensor_name] = torch.frombuffer(bytearray(stored), dtype=torch.uint8) if stored else \
             torch.zeros(0, dtype=torch.uint8)
         streams.append([tensor_name, codec, dtype, count, width])
@@ -387,7 +369,7 @@ def delta_to_bytes(delta: SparseDelta) -> bytes:
     metadata["streams"] = {"columns": list(STREAM_COLUMNS), "rows": streams}
     raw = _encode_metadata(metadata)
     raw["payload_sha256"] = payload_sha256(raw, tensors)
-    return save(tensors, metadata=raw)
+    return container_bytes(stored_bytes, raw)  # sorted keys: identical deltas are identical bytes
 
 
 def write_delta(delta: SparseDelta, path: PathLike) -> Path:
@@ -414,122 +396,140 @@ def save_delta(
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _read_header(data: bytes, where: str) -> Dict[str, str]:
-    if len(data) < 8:
-        raise DeltaFileError(f"{where} is truncated or not a safetensors file ({len(data)} bytes)")
-    (size,) = struct.unpack("<Q", data[:8])
-    if 8 + size > len(data):
-        raise DeltaFileError(f"{where} is truncated: its header needs {size} bytes, the file has {len(data) - 8}")
-    try:
-        header = json.loads(data[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DeltaFileError(f"{where} has a corrupted header ({exc.__class__.__name__}); not a delta file") from exc
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise DeltaFileError(f"{where} is not a mace-sparse delta file (no '{FORMAT}' metadata)")
-    return metadata
+#: Bytes hashed or copied per read of a delta file: the payload hash never holds the file in memory.
+_CHUNK = 1 << 20
 
 
-def _decode_streams(metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str) -> Dict[str, Any]:
-    """Decompress every stored tensor listed in the stream table.
-
-    Returns ``{"index": (bytes, torch.uint8)}`` and ``{"xor.<dtype>": ((count, width) uint8 tensor, dtype)}``.
-    """
-    table = metadata["streams"]
-    if list(table["columns"]) != list(STREAM_COLUMNS):
-        raise DeltaFileError(f"{where} has an unknown stream table layout {table['columns']}")
-    out: Dict[str, Any] = {}
-    for row in table["rows"]:
-        info = dict(zip(STREAM_COLUMNS, row))
-        tensor_name, count, width = str(info["tensor"]), int(info["count"]), int(info["width"])
-        stored = tensors.get(tensor_name)
-        if stored is None or stored.dtype != torch.uint8 or tensor_name in out:
-            raise DeltaFileError(f"{where}: stream {tensor_name!r} is missing, repeated or not uint8")
-        dtype = _dtype_from_name(info["dtype"])
-        if count < 0 or width != element_width(dtype):
-            raise DeltaFileError(f"{where}: stream {tensor_name!r} claims {count} elements of {width} bytes ({dtype})")
-        data = decompress(str(info["codec"]), stored.numpy().tobytes(), count * width)
-        if tensor_name == "index":
-            if dtype != torch.uint8:
-                raise DeltaFileError(f"{where}: the index stream must be uint8")
-            out[tensor_name] = (data, dtype)
-        elif tensor_name == f"xor.{info['dtype']}":
-            out[tensor_name] = (unshuffle(data, count, width), dtype)
-        else:
-            raise DeltaFileError(f"{where}: unknown stream {tensor_name!r}")
-    unlisted = set(tensors) - set(out)
-    if unlisted:
-        raise DeltaFileError(f"{where} holds tensors the stream table does not list: {sorted(unlisted)}")
-    return out
+def _chunks(read: Callable[[int, int], bytes], offset: int, size: int) -> Iterator[bytes]:
+    for position in range(offset, offset + size, _CHUNK):
+        yield read(position, min(_CHUNK, offset + size - position))
 
 
-def delta_from_bytes(data: bytes, where: str = "delta file") -> SparseDelta:
-    """Parse and verify delta bytes; raises :class:`DeltaFileError` for anything not intact."""
-    from safetensors.torch import load
-
-    raw = _read_header(data, where)
-    try:
-        tensors = load(data)
-    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error type for damaged buffers)
-        raise DeltaFileError(f"{where} is truncated or corrupted ({' '.join(str(exc).split())[:200]})") from exc
+def _checked_header(raw: Dict[str, str], stored: Dict[str, Tuple[int, int]], read: Callable[[int, int], bytes],
+                    where: str) -> DeltaHeader:
+    """Version, payload hash (streamed), then the whole header schema: a :class:`DeltaHeader` or one error."""
     if raw.get("format_version") != FORMAT_VERSION:
         raise DeltaFileError(
             f"{where} has delta format version {raw.get('format_version')!r}; this mace-sparse reads "
             f"version {FORMAT_VERSION}"
         )
-    stored = raw.get("payload_sha256")
-    if not stored or payload_sha256(raw, tensors) != stored:
+    digest = hashlib.sha256(b"mace-sparse delta payload v1\0")
+    for key in sorted(raw):
+        if key != "payload_sha256":
+            digest.update(f"{key}\0{raw[key]}\0".encode("utf-8"))
+    for name in sorted(stored):
+        offset, size = stored[name]
+        update_with_stored(digest, name, size, _chunks(read, offset, size))
+    if not raw.get("payload_sha256") or digest.hexdigest() != raw["payload_sha256"]:
         raise DeltaFileError(f"{where} failed its integrity check (payload sha256 mismatch): modified or corrupted")
-    try:
-        metadata = _decode_metadata(raw)
-        streams = _decode_streams(metadata, tensors, where)
-        table = metadata["entries"]
-        if list(table["columns"]) != list(ENTRY_COLUMNS):
-            raise DeltaFileError(f"{where} has an unknown entry table layout {table['columns']}")
-        blob = streams["index"][0] if "index" in streams else b""
-        entries = {}
-        for row in table["rows"]:
-            info = dict(zip(ENTRY_COLUMNS, row))
-            name, count = str(info["name"]), int(info["count"])
-            dtype = _dtype_from_name(info["dtype"])
-            shape = tuple(int(s) for s in info["shape"])
-            numel = int(torch.Size(shape).numel())
-            start, size = int(info["index_offset"]), int(info["index_bytes"])
-            if start < 0 or size < 0 or start + size > len(blob):
-                raise DeltaFileError(f"{where}: index bytes of {name} lie outside the index stream")
-            indices = decode_indices(info["encoding"], blob[start : start + size], numel, count)
-            stream = streams.get(f"xor.{info['dtype']}")
-            first = int(info["value_offset"])
-            if stream is None or stream[1] != dtype or first < 0 or first + count > stream[0].shape[0]:
-                raise DeltaFileError(f"{where}: values of {name} do not match the stream table")
-            entries[name] = DeltaEntry(
-                name=name,
-                shape=shape,
-                dtype=dtype,
-                indices=torch.from_numpy(np.ascontiguousarray(indices)),
-                xor=stream[0][first : first + count].clone(),
-                parameter=bool(info["parameter"]),
-            )
-    except (KeyError, TypeError, ValueError, IndexCodecError, ValueCodecError) as exc:
-        if isinstance(exc, DeltaFileError):
-            raise
-        raise DeltaFileError(f"{where} has inconsistent contents ({type(exc).__name__}: {exc})") from exc
-    return SparseDelta(entries=entries, metadata=metadata)
+    checked = validate_header(raw, stored, where)
+    metadata = {k: v for k, v in checked.items() if not k.startswith("_")}
+    return DeltaHeader(where=where, metadata=metadata, checked=checked, stored=stored, read=read)
 
 
-def load_delta(path: PathLike) -> SparseDelta:
-    """Read and verify a delta file (no code is executed; integrity is checked before anything is used)."""
+def read_delta_header(path: PathLike) -> DeltaHeader:
+    """Open a delta file and check everything but the compressed streams, in memory bounded by its header.
+
+    ``mace_sparse report`` needs no more; ``apply``/``revert`` decode the streams only once the model they
+    act on has been checked against the header (:func:`decode_delta`).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DeltaFileError(f"{path} is a directory, not a delta file; give the path of a "
+                             "<name>_sparse_delta.safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"no such delta file: {path}")
-    return delta_from_bytes(path.read_bytes(), where=str(path))
+
+    def read(offset: int, size: int) -> bytes:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+    with open(path, "rb") as handle:
+        raw, stored = read_container(handle, path.stat().st_size, str(path))
+    return _checked_header(raw, stored, read, str(path))
+
+
+def header_from_bytes(data: bytes, where: str = "delta file") -> DeltaHeader:
+    """:func:`read_delta_header` for delta bytes held in memory."""
+    view = memoryview(data)
+    raw, stored = read_container(io.BytesIO(data), len(data), where)
+    return _checked_header(raw, stored, lambda offset, size: view[offset : offset + size], where)
+
+
+def verify_streams(header: DeltaHeader) -> None:
+    """Check that every stream decodes to the size its header claims, in memory independent of that size."""
+    for name, info in header.checked["_streams"].items():
+        offset, size = header.stored[name]
+        try:
+            nonzero = check_stream_size(info["codec"], _chunks(header.read, offset, size), info["count"] * info["width"])
+        except ValueCodecError as exc:
+            raise DeltaFileError(f"{header.where} has inconsistent contents (stream {name!r}: {exc})") from exc
+        if name != "index" and info["count"] and not nonzero:
+            raise DeltaFileError(f"{header.where}: stream {name!r} decodes to zeros only, i.e. its {info['count']} "
+                                 "'changed' entries change nothing; not a delta file (crafted or damaged)")
+
+
+def decode_delta(header: DeltaHeader, model: Optional[torch.nn.Module] = None) -> SparseDelta:
+    """Decompress and decode the streams of a checked header into a :class:`SparseDelta`.
+
+    With ``model``, every entry must first name one of its tensors with the same shape and dtype
+    (:func:`~.delta_schema.check_against_model`), so nothing larger than that model is ever decoded.
+    """
+    where, checked = header.where, header.checked
+    if model is not None:
+        check_against_model(checked, model.state_dict(), where)
+    try:
+        streams: Dict[str, Any] = {}
+        for name, info in checked["_streams"].items():
+            offset, size = header.stored[name]
+            data = decompress(info["codec"], bytes(header.read(offset, size)), info["count"] * info["width"])
+            streams[name] = data if name == "index" else unshuffle(data, info["count"], info["width"])
+        blob = streams.get("index", b"")
+        entries = {}
+        for info in checked["_entries"]:
+            start, count = info["index_offset"], info["count"]
+            indices = decode_indices(info["encoding"], blob[start : start + info["index_bytes"]], info["numel"], count)
+            entries[info["name"]] = DeltaEntry(
+                name=info["name"],
+                shape=tuple(info["shape"]),
+                dtype=_dtype_from_name(info["dtype"]),
+                indices=torch.from_numpy(np.ascontiguousarray(indices)),
+                xor=streams[f"xor.{info['dtype']}"][info["value_offset"] : info["value_offset"] + count].clone(),
+                parameter=info["parameter"],
+            )
+    except (IndexCodecError, ValueCodecError) as exc:
+        raise DeltaFileError(f"{where} has inconsistent contents ({type(exc).__name__}: {exc})") from exc
+    return SparseDelta(entries=entries, metadata=copy.deepcopy(header.metadata))
+
+
+def delta_from_bytes(data: bytes, where: str = "delta file") -> SparseDelta:
+    """Parse and verify delta bytes; raises :class:`DeltaFileError` for anything not intact."""
+    return decode_delta(header_from_bytes(data, where))
+
+
+def load_delta(path: PathLike, model: Optional[torch.nn.Module] = None) -> SparseDelta:
+    """Read and verify a delta file (no code is executed; the whole header is checked before anything is used).
+
+    Pass the ``model`` the delta is for (foundation or fine-tuned) to bound decoding by its tensors: without
+    it a file from someone else is decoded as large as its (self-consistent) header claims.
+    """
+    return decode_delta(read_delta_header(path), model)
 
 
 # ------------------------------------------------------------------------------------- applying, reverting
 
 
-def _as_delta(delta: Union[SparseDelta, PathLike]) -> SparseDelta:
-    return delta if isinstance(delta, SparseDelta) else load_delta(delta)
+DeltaLike = Union[SparseDelta, DeltaHeader, PathLike]
+
+
+def _as_header(delta: DeltaLike) -> Union[SparseDelta, DeltaHeader]:
+    """A decoded delta as given, else its checked header (decoded later, against the model)."""
+    return delta if isinstance(delta, (SparseDelta, DeltaHeader)) else read_delta_header(delta)
+
+
+def _decoded(delta: Union[SparseDelta, DeltaHeader], model: torch.nn.Module) -> SparseDelta:
+    return delta if isinstance(delta, SparseDelta) else decode_delta(delta, model)
 
 
 def _check_fingerprint(model: torch.nn.Module, expected: str, role: str, hint: str) -> None:
@@ -561,20 +561,21 @@ def _flip_values(model: torch.nn.Module, delta: SparseDelta) -> None:
 
 
 def apply_delta(
-    foundation_model: torch.nn.Module, delta: Union[SparseDelta, PathLike], inplace: bool = False
+    foundation_model: torch.nn.Module, delta: DeltaLike, inplace: bool = False
 ) -> torch.nn.Module:
     """The fine-tuned (merged) model, rebuilt from its foundation and the delta, bit for bit.
 
-    Refuses (:class:`DeltaMismatchError`) a model that is not the delta's foundation, before changing anything.
-    Returns a new model unless ``inplace``.
+    Refuses (:class:`DeltaMismatchError`) a model that is not the delta's foundation, before changing anything
+    (and, for a file or header, before decompressing anything). Returns a new model unless ``inplace``.
     """
-    delta = _as_delta(delta)
+    delta = _as_header(delta)
     _check_fingerprint(
         foundation_model,
         delta.foundation_fingerprint,
         "foundation",
         "give the foundation the run started from (`mace_sparse revert` rebuilds it from the fine-tuned model)",
     )
+    delta = _decoded(delta, foundation_model)
     model = foundation_model if inplace else copy.deepcopy(foundation_model)
     _flip_values(model, delta)  # new = old ^ x
     _check_fingerprint(model, delta.merged_fingerprint, "result", "the delta file is inconsistent")
@@ -582,20 +583,21 @@ def apply_delta(
 
 
 def revert_delta(
-    model: torch.nn.Module, delta: Union[SparseDelta, PathLike], inplace: bool = False
+    model: torch.nn.Module, delta: DeltaLike, inplace: bool = False
 ) -> torch.nn.Module:
     """The foundation, recovered from the fine-tuned (merged) model and the delta, bit for bit.
 
     Refuses (:class:`DeltaMismatchError`) a model that is not the delta's merged model. Returns a new model
     unless ``inplace``.
     """
-    delta = _as_delta(delta)
+    delta = _as_header(delta)
     _check_fingerprint(
         model,
         delta.merged_fingerprint,
         "fine-tuned model",
         "give the .model file written by the same run as this delta",
     )
+    delta = _decoded(delta, model)
     result = model if inplace else copy.deepcopy(model)
     _flip_values(result, delta)  # old = new ^ x
     _check_fingerprint(result, delta.foundation_fingerprint, "result", "the delta file is inconsistent")

@@ -61,8 +61,20 @@ def load_model(path: PathLike) -> torch.nn.Module:
 
 
 def save_model(model: torch.nn.Module, path: PathLike) -> Path:
-    """``torch.save`` the whole model to ``path`` via a temporary file and a rename."""
-    return atomic_write_with(path, lambda tmp: torch.save(model, tmp))
+    """``torch.save`` the whole model to ``path`` via a temporary file and a rename.
+
+    A write that fails underneath torch (a full disk, a quota, a file-size limit) surfaces from its zip writer
+    as ``RuntimeError: ... unexpected pos``; it is re-raised as the ``OSError`` it is, with the usual cause.
+    """
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(model, tmp)
+        except RuntimeError as exc:
+            raise OSError(f"could not write {path} ({_one_line(exc)[:120]}): the disk is full or a quota/size limit "
+                          "was reached; free space or choose another -o (nothing was written)") from None
+
+    return atomic_write_with(path, write)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import lzma
 import zlib
-from typing import Tuple
+from typing import Iterable, Tuple
 
 import numpy as np
 import torch
@@ -127,3 +127,49 @@ def decompress(codec: str, data: bytes, size: int) -> bytes:
         raise ValueCodecError(f"{codec} data decodes to {'more than ' if len(out) > size else ''}{len(out)} "
                               f"bytes{'' if complete else ' (incomplete stream)'}, expected {size}")
     return out
+
+
+def check_stream_size(codec: str, chunks: Iterable[bytes], size: int, step: int = 1 << 22) -> bool:
+    """Decode a stored stream chunk by chunk and discard it: it must decode to exactly ``size`` bytes.
+
+    Memory stays at about ``step`` whatever the stream claims, so a report can verify a file it never decodes.
+    Returns whether any decoded byte is non-zero (an XOR stream of zeros only would change nothing).
+    """
+    nonzero = False
+
+    def seen(out: bytes) -> int:
+        nonlocal nonzero
+        nonzero = nonzero or out.count(0) != len(out)
+        return len(out)
+
+    if codec not in CODECS:
+        raise ValueCodecError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+    if codec == "raw":
+        produced = sum(seen(bytes(chunk)) for chunk in chunks)
+        trailing = False
+    else:
+        decoder = zlib.decompressobj() if codec == "zlib" else \
+            lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT)
+        produced, trailing = 0, False
+        try:
+            for chunk in chunks:
+                if decoder.eof:
+                    trailing = trailing or bool(chunk)
+                    continue
+                data = bytes(chunk)
+                while produced <= size and not decoder.eof:
+                    produced += seen(decoder.decompress(data, step))
+                    data = decoder.unconsumed_tail if codec == "zlib" else b""
+                    if (codec == "zlib" and not data) or (codec == "lzma" and decoder.needs_input):
+                        break
+                if produced > size:
+                    break
+        except (zlib.error, lzma.LZMAError) as exc:
+            raise ValueCodecError(f"corrupted {codec} data ({exc})") from exc
+        trailing = trailing or bool(decoder.unused_data)
+        if not decoder.eof and produced <= size:
+            raise ValueCodecError(f"{codec} data decodes to {produced} bytes (incomplete stream), expected {size}")
+    if produced != size or trailing:
+        raise ValueCodecError(f"{codec} data decodes to {'more than ' if produced > size else ''}{produced} bytes"
+                              f"{' and trailing data' if trailing else ''}, expected {size}")
+    return nonzero

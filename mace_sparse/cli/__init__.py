@@ -7,9 +7,11 @@ only dispatches, so adding a command never touches another command's code.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 #: subcommand name -> module implementing it
 SUBCOMMANDS = {
@@ -25,12 +27,29 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage block first), naming ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
+def foundation_path(spec: str) -> str:
+    """argparse ``type`` of every model option: ``mace_sparse:<name>`` is the bundled file, as in ``mace_run_train``."""
+    from ..foundations import resolve
+
+    try:
+        return resolve(spec)
+    except (ValueError, FileNotFoundError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mace_sparse",
         description="Sparse fine-tuning of MACE models: delta files, reports and benchmarks.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         module.add_parser(sub, name)
@@ -49,6 +68,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         # pre-check could foresee (disk full, a race): one line on stderr, exit status 2, no traceback
         sys.stderr.write(f"mace_sparse {args.command}: error: {_one_line(exc)}\n")
         return 2
+    except Exception as exc:  # noqa: BLE001
+        # anything else (a RuntimeError from torch, an allocation no size check foresaw, a bug): still one line;
+        # MACE_SPARSE_TRACEBACK=1 shows the traceback for a bug report
+        if os.environ.get("MACE_SPARSE_TRACEBACK"):
+            raise
+        sys.stderr.write(f"mace_sparse {args.command}: error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+                         "(unexpected; rerun with MACE_SPARSE_TRACEBACK=1 for the traceback)\n")
+        return 2
 
 
 def _one_line(exc: BaseException) -> str:
@@ -56,7 +83,13 @@ def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, OSError) and exc.strerror and exc.filename and exc.strerror not in text:
         text = f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        text += " (the disk is full or a quota/size limit was reached; free space and run again: nothing was written)"
     return text or type(exc).__name__
+
+
+#: errno values of a write that ran out of room
+_FULL = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name)}
 
 
 if __name__ == "__main__":

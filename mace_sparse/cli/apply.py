@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import foundation_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -18,19 +20,21 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         help="rebuild the fine-tuned model: foundation + delta file -> .model",
         description="Apply a sparse delta file to its foundation model and save the fine-tuned model.",
     )
-    parser.add_argument("--foundation", required=True, help="foundation .model the delta was made from")
+    parser.add_argument("--foundation", required=True, type=foundation_path,
+                        help="foundation .model the delta was made from (or mace_sparse:organic|inorganic)")
     parser.add_argument("--delta", required=True, help="delta file (<name>_sparse_delta.safetensors)")
     parser.add_argument("-o", "--output", required=True, help="path of the fine-tuned .model to write")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts.delta_file import apply_delta, load_delta
+    from ..artifacts.delta_file import apply_delta, read_delta_header
     from ..artifacts.atomic import check_writable_file
     from ..artifacts.model_io import load_model, save_model
 
     check_writable_file(args.output)  # before any slow step: an impossible -o fails at once
-    delta = load_delta(args.delta)  # checked before the (slower) model load
+    delta = read_delta_header(args.delta)  # whole header checked before the (slower) model load; streams
+    # are decoded only once the model is known to be the delta's (their sizes bounded by its tensors)
     model = apply_delta(load_model(args.foundation), delta, inplace=True)
     save_model(model, args.output)
     sys.stderr.write(

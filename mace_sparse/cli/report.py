@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from . import foundation_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -20,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         description="Report which parameters a sparse fine-tune changed, from its delta file.",
     )
     parser.add_argument("delta", help="delta file (<name>_sparse_delta.safetensors)")
-    parser.add_argument("--foundation", default=None,
+    parser.add_argument("--foundation", default=None, type=foundation_path,
                         help="foundation .model: verify the delta belongs to it and add |dW|/|W| per layer")
     parser.add_argument("--plot", metavar="DIR", default=None, help="write PNG figures into DIR")
     parser.add_argument("--json", action="store_true", help="print the report as JSON only")
@@ -28,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts.delta_file import DeltaMismatchError, load_delta
+    from ..artifacts.delta_file import DeltaMismatchError, decode_delta, read_delta_header, verify_streams
     from ..artifacts.fingerprint import model_fingerprint
     from ..artifacts.report import add_relative_change, format_report, report_data
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         reason = unwritable_reason(args.plot)
         if reason is not None:
             raise OutputPathError(f"cannot write plots into {args.plot}: {reason}; choose a writable --plot DIR")
-    delta = load_delta(args.delta)
+    delta = read_delta_header(args.delta)  # the report needs the (checked) header only; the streams are
+    verify_streams(delta)  # decoded chunk by chunk and discarded, so memory does not grow with their claims
     data = report_data(delta)
     if args.foundation:
         from ..artifacts.model_io import load_model
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise DeltaMismatchError(
                 f"{args.delta} was not made from {args.foundation} (foundation fingerprint differs)"
             )
-        add_relative_change(data, delta, foundation)
+        add_relative_change(data, decode_delta(delta, foundation), foundation)  # bounded by the model's tensors
     if args.plot:
         from ..artifacts.plots import write_plots
 

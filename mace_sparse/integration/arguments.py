@@ -15,6 +15,17 @@ from ..magnetism.config import MAGMOM_LOSSES, MagneticConfig
 FINETUNE_METHODS = ("full", "sparse_str")
 _DEFAULTS = SparseConfig()
 _MAGNETIC_DEFAULTS = MagneticConfig()
+#: The ``--sparse_*`` flags and their defaults: given on a run without ``--finetune-method sparse_str`` they
+#: would do nothing, which :func:`~.run_guards.check_sparse_flags_need_method` refuses.
+SPARSE_FLAG_DEFAULTS = {
+    "sparse_targets": ",".join(DEFAULT_TARGETS),
+    "sparse_init_threshold": _DEFAULTS.init_threshold,
+    "sparse_threshold_lr": None,
+    "sparse_threshold_weight_decay": _DEFAULTS.threshold_weight_decay,
+    "sparse_threshold_granularity": _DEFAULTS.granularity,
+    "sparse_delta_eps": _DEFAULTS.delta_eps,
+    "sparse_delta_lr_factor": _DEFAULTS.delta_lr_factor,
+}
 
 
 def _both(name: str) -> list:
@@ -34,8 +45,9 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="'full': MACE's own fine-tuning; 'sparse_str': frozen foundation + soft-thresholded sparse delta",
     )
     group.add_argument(
-        *_both("sparse_targets"), dest="sparse_targets", type=str, default=",".join(DEFAULT_TARGETS),
-        help="comma list of weight kinds to adapt: linear, skip_tp, contraction, radial, or 'all'",
+        *_both("sparse_targets"), dest="sparse_targets", type=str, nargs="+", default=",".join(DEFAULT_TARGETS),
+        help="weight kinds to adapt, comma- or space-separated (a YAML list works too): linear, skip_tp, "
+        "contraction, radial, or 'all'",
     )
     group.add_argument(
         *_both("sparse_init_threshold"), dest="sparse_init_threshold", type=float,

@@ -71,7 +71,13 @@ def check_output_dirs(args: Any) -> None:
 
 
 def check_foundation_model(foundation: str) -> Optional[List[int]]:
-    """Load a foundation *file* as MACE will, refusing anything that is not a MACE model; its atomic numbers.
+    """The atomic numbers of the foundation file (see :func:`load_foundation_for_checks`)."""
+    model = load_foundation_for_checks(foundation)
+    return None if model is None else sorted(int(z) for z in model.atomic_numbers.tolist())
+
+
+def load_foundation_for_checks(foundation: str) -> Any:
+    """Load a foundation *file* as MACE will, refusing anything that is not a MACE model.
 
     Returns ``None`` for a named model (``small``, ``medium_off``, ...), which MACE downloads itself. Costs one
     extra ``torch.load`` of the foundation (about a second for MACE-MP medium), once per run.
@@ -90,10 +96,9 @@ def check_foundation_model(foundation: str) -> Optional[List[int]]:
             f"--foundation_model {foundation!r} is a directory; give the path of a MACE .model file"
         )
     try:
-        model = load_model(path)
+        return load_model(path)
     except ValueError as exc:
         raise SparseConfigError(f"--foundation_model: {exc}") from None
-    return sorted(int(z) for z in model.atomic_numbers.tolist())
 
 
 def _looks_like_path(value: str) -> bool:
@@ -120,6 +125,12 @@ class DataScan:
 
     first_seen: Dict[int, Tuple[str, int]] = field(default_factory=dict)  # Z -> (file, configuration index)
     configurations: int = 0
+    #: label kind ("energy", "forces") -> whether any training frame carries it under the run's key
+    train_labels: Dict[str, bool] = field(default_factory=dict)
+    #: per-atom arrays and info keys seen in the training frames (named in a wrong-key message)
+    train_keys: Set[str] = field(default_factory=set)
+    #: (atoms, energy) of the first training frames with an energy label, for the E0 check
+    energy_frames: List[Tuple[Any, float]] = field(default_factory=list)
 
 
 def _as_paths(value: Any) -> List[str]:
@@ -203,6 +214,8 @@ def scan_data(files: Sequence[DataFile]) -> DataScan:
                 for key, per_atom, kind in ((item.energy_key, False, "energy"), (item.forces_key, True, "forces"),
                                             (item.stress_key, False, "stress")):
                     value = _label(atoms, key, per_atom)
+                    if item.flag == "train_file":
+                        _note_training_label(scan, atoms, kind, value)
                     bad = _non_finite(value) if value is not None else None
                     if bad is not None:
                         raise SparseConfigError(
@@ -215,6 +228,41 @@ def scan_data(files: Sequence[DataFile]) -> DataScan:
         except Exception as exc:  # noqa: BLE001  (unreadable files: MACE reports them in its own words)
             logging.getLogger(__name__).debug(f"mace-sparse: not scanning {item.path}: {exc}")
     return scan
+
+
+#: Frames kept for the E0 check (see :mod:`.e0_check`).
+_E0_FRAMES = 16
+
+
+def _note_training_label(scan: DataScan, atoms: Any, kind: str, value: Any) -> None:
+    scan.train_labels[kind] = scan.train_labels.get(kind, False) or value is not None
+    if kind == "energy":
+        scan.train_keys.update(k for k in atoms.info if isinstance(k, str))
+        scan.train_keys.update(k for k in atoms.arrays if k not in ("numbers", "positions"))
+        if value is not None and _non_finite(value) is None and len(scan.energy_frames) < _E0_FRAMES:
+            try:
+                scan.energy_frames.append((atoms, float(np.asarray(value, dtype=float).reshape(-1)[0])))
+            except (TypeError, ValueError, IndexError):
+                pass
+
+
+def check_label_keys(args: Any, scan: DataScan) -> None:
+    """An explicitly given ``--energy_key``/``--forces_key`` must be in some training frame.
+
+    Without this, MACE trains an energy-only (or forces-only) model from a misspelt key and exits 0.
+    """
+    from .run_guards import explicitly_given
+
+    for kind in ("forces", "energy"):
+        flag = f"{kind}_key"
+        if scan.train_labels.get(kind, True) or not explicitly_given(args, flag):
+            continue
+        key = getattr(args, flag)
+        seen = ", ".join(sorted(scan.train_keys)) or "none"
+        raise SparseConfigError(
+            f"--{flag} {key!r} is in no configuration of the training data (their keys: {seen}); "
+            f"give the key your file uses, e.g. --{flag} <one of those>"
+        )
 
 
 def check_elements(scan: DataScan, foundation_zs: Sequence[int], atomic_numbers: Optional[str]) -> None:
@@ -257,11 +305,16 @@ def check_inputs(args: Any) -> None:
     """All checks of this module, cheapest first; raises :class:`SparseConfigError` with one line."""
     started = time.perf_counter()
     check_output_dirs(args)
-    foundation_zs = check_foundation_model(str(args.foundation_model))
+    foundation = load_foundation_for_checks(str(args.foundation_model))
     files = data_files(args)
     scan = scan_data(files)
-    if foundation_zs is not None:
-        check_elements(scan, foundation_zs, getattr(args, "atomic_numbers", None))
+    check_label_keys(args, scan)
+    if foundation is not None:
+        from .e0_check import check_e0s
+
+        check_elements(scan, sorted(int(z) for z in foundation.atomic_numbers.tolist()),
+                       getattr(args, "atomic_numbers", None))
+        check_e0s(args, foundation, scan.energy_frames)
     # MACE's logger is not set up yet (it would create --log_dir); the cost is kept for debugging only
     logging.getLogger(__name__).debug(
         f"mace-sparse input checks: {scan.configurations} configurations in {len(files)} files, "

@@ -70,6 +70,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional
 
 from ..config import SparseConfig, SparseConfigError
 from ..magnetism.config import MagneticConfig, MagneticConfigError
+from . import run_guards as guards
 from .arguments import add_sparse_arguments, magnetic_config_from_args, sparse_config_from_args
 from .input_checks import _as_paths, check_inputs
 from .run_hooks import FineTuneHooks
@@ -189,14 +190,25 @@ def validate_run_args(args: Any) -> FineTuneHooks:
     ``--foundation_model mace_sparse:<name>`` is turned into the bundled file's path first, for every run.
     """
     resolve_bundled_foundation(args)
+    active = getattr(args, "finetune_method", "full") == "sparse_str" or getattr(args, "magmom_weight", 0) > 0
+    _guarded(guards.check_config_spellings, args, active)
+    _guarded(guards.check_sparse_flags_need_method, args)
     sparse = validate_sparse_args(args)
     magnetic = validate_magnetic_args(args)
     if magnetic is not None and sparse is None and getattr(args, "foundation_model", None):
-        try:
-            check_inputs(args)  # a full fine-tune with the head gets the same early checks as sparse_str
-        except SparseConfigError as exc:
-            _fail(str(exc))
+        _guarded(check_inputs, args)  # a full fine-tune with the head gets the same early checks as sparse_str
+    if sparse is not None or magnetic is not None:
+        _guarded(guards.check_promised_outputs, args, sparse is not None, magnetic is not None)
+    _guarded(guards.check_restart, args, sparse, magnetic is not None)  # also a plain restart on sparse checkpoints
     return FineTuneHooks(args, sparse, magnetic)
+
+
+def _guarded(check: Callable, *a: Any) -> None:
+    """Run one check; its :class:`SparseConfigError` becomes the one-line exit of :func:`_fail`."""
+    try:
+        check(*a)
+    except SparseConfigError as exc:
+        _fail(str(exc))
 
 
 # ----------------------------------------------------------------------------------------------- patching
@@ -284,6 +296,7 @@ def _patch_unhooked_seams(patcher: _Patcher, run_train: ModuleType, hooks: FineT
     original_log = train_module.valid_err_log
 
     def valid_err_log(valid_loss, eval_metrics, logger, log_errors, epoch=None, valid_loader_name="Default"):
+        _guarded(hooks.check_finite, valid_loss, epoch)  # a diverged epoch stops here, before it is checkpointed
         flt = _AppendToMessage(hooks.validation_suffix(eval_metrics))
         root = logging.getLogger()
         root.addFilter(flt)
@@ -387,6 +400,7 @@ class _Wiring:
     mode: Optional[str] = None  # None until install() has decided
     run_args_id: Optional[int] = None
     run_stack: Optional[contextlib.ExitStack] = None
+    run_hooks: Optional[FineTuneHooks] = None
 
 
 def upstream_hook() -> Optional[ModuleType]:
@@ -444,13 +458,13 @@ def start_hooked_run(args: Any) -> Optional[FineTuneHooks]:
     end_hooked_run()
     stack = contextlib.ExitStack()
     stack.enter_context(run_patches(sys.modules["mace.cli.run_train"], hooks, hooked=True))
-    _Wiring.run_stack, _Wiring.run_args_id = stack, id(args)
+    _Wiring.run_stack, _Wiring.run_args_id, _Wiring.run_hooks = stack, id(args), hooks
     return hooks
 
 
 def end_hooked_run() -> None:
     """Remove the runtime patches of the hooked run in progress, if any."""
-    stack, _Wiring.run_stack, _Wiring.run_args_id = _Wiring.run_stack, None, None
+    stack, _Wiring.run_stack, _Wiring.run_args_id, _Wiring.run_hooks = _Wiring.run_stack, None, None, None
     if stack is not None:
         stack.close()
 
@@ -470,7 +484,10 @@ def _patched_run(run_train: ModuleType) -> Callable:
                 stack.enter_context(cpu_distributed_patches(run_train, args))
             if hooks.active:
                 stack.enter_context(run_patches(run_train, hooks))
-            return original_run(args)
+            result = original_run(args)
+        if hooks.failures:
+            _fail(hooks.failures[0])  # a promised output was not written: the run did not succeed
+        return result
 
     run.__doc__ = (original_run.__doc__ or "") + "\n(mace-sparse: validates and applies --finetune-method)"
     return run
@@ -482,9 +499,13 @@ def _scoped_run(run_train: ModuleType) -> Callable:
     def run(args) -> None:
         """MACE's ``run``; the plugin hook drives mace-sparse, this only removes its leftover patches after."""
         try:
-            return original_run(args)
+            result = original_run(args)
+            hooks = _Wiring.run_hooks
         finally:
             end_hooked_run()
+        if hooks is not None and hooks.failures:
+            _fail(hooks.failures[0])  # a promised output was not written: the run did not succeed
+        return result
 
     run.__doc__ = (original_run.__doc__ or "") + "\n(mace-sparse: via the mace.plugins hook)"
     return run

@@ -31,6 +31,10 @@ class FineTuneHooks:
         self.magnetic = magnetic if magnetic is not None and magnetic.enabled else None
         self.model: Optional[torch.nn.Module] = None
         self.saved_stems: List[str] = []
+        #: one line per promised output that could not be written (the run then fails after MACE's own saves)
+        self.failures: List[str] = []
+        #: the run's first validation loss (divergence is judged against it)
+        self.first_valid_loss: Optional[float] = None
         #: how the caller wired these hooks into MACE (set by the caller, logged with the model set-up)
         self.wiring: Optional[str] = None
 
@@ -48,6 +52,10 @@ class FineTuneHooks:
             raise RuntimeError("mace-sparse: configure_model called twice in one run (hook and patch both active?)")
         if self.wiring is not None:
             logging.info(f"mace-sparse wiring: {self.wiring}")
+        if getattr(self.args, "name", None) is not None:  # a mace_run_train run (not hooks driven from Python)
+            from .run_guards import write_settings
+
+            write_settings(self.args, self.sparse, self.magnetic is not None)  # read by a later --restart_latest
         if self.magnetic is not None:
             from ..magnetism.statistics import training_frames
 
@@ -144,12 +152,25 @@ class FineTuneHooks:
         if sparse:
             logging.info("Merging the sparse delta into a plain MACE model")
             merge_and_unload(copied)
-            _write_sparse_artifacts(sparse_source, copied, self.args.model_dir, stem)
+            failure = _write_sparse_artifacts(sparse_source, copied, self.args.model_dir, stem)
+            if failure is not None:
+                self.failures.append(failure)
         if head is not None:
             from ..magnetism.model import MagneticMACE
 
             _save_magnetic_model(MagneticMACE(copy.deepcopy(copied), head), self.args.model_dir, stem)
         return copied
+
+    def check_finite(self, valid_loss: Any, epoch: Optional[int]) -> None:
+        """Stop a diverged sparse_str run at its validation line (see :func:`.run_guards.check_finite`)."""
+        if self.sparse is None or self.model is None:
+            return
+        from .run_guards import check_finite
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        check_finite(valid_loss, trainable, epoch, float(self.args.lr), self.first_valid_loss)
+        if self.first_valid_loss is None:
+            self.first_valid_loss = float(valid_loss)
 
     # ----------------------------------------------------------------------------------------- logging
     def validation_suffix(self, eval_metrics: Dict[str, Any]) -> str:
@@ -179,15 +200,19 @@ def _save_magnetic_model(model: torch.nn.Module, model_dir: str, stem: str) -> N
     logging.info(f"Saved model with magnetic-moment head to {path}")
 
 
-def _write_sparse_artifacts(sparse_model: Any, merged: Any, model_dir: str, stem: str) -> None:
+def _write_sparse_artifacts(sparse_model: Any, merged: Any, model_dir: str, stem: str) -> Optional[str]:
     """``<stem>_sparse_delta.safetensors`` and ``<stem>_sparsity.json`` next to the model MACE is saving.
 
-    A failure here is logged, not raised: the merged ``.model`` (the run's main result) must still be saved.
+    A failure is logged and returned as one line, not raised: the merged ``.model`` (the run's main result) is
+    still saved, and the run then exits non-zero with that line (a promised output is missing).
     """
     from ..artifacts.run_outputs import write_run_artifacts
 
     try:
         delta_path, json_path = write_run_artifacts(sparse_model, merged, model_dir, stem)
         logging.info(f"Saved sparse delta to {delta_path} and sparsity report to {json_path}")
-    except Exception:  # noqa: BLE001
+        return None
+    except Exception as exc:  # noqa: BLE001
         logging.exception(f"Could not write the sparse delta / sparsity report for {stem}")
+        return (f"the run finished but could not write the sparse delta / sparsity report of {stem} "
+                f"({' '.join(str(exc).split())[:200]}); the merged model was saved, the delta was not")
