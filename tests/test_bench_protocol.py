@@ -55,7 +55,7 @@ def test_protocol_flags_reach_mace_parser():
     paper = bench_methods.all_methods()["paper-recipe"]
     parsed = add_sparse_arguments(build_default_arg_parser()).parse_args(
         bench_methods.train_command(_case(), paper, 0, settings, "x"))
-    assert parsed.sparse_targets == "linear,skip_tp" and parsed.sparse_delta_init_std == 0.01
+    assert "".join(parsed.sparse_targets) == "linear,skip_tp" and parsed.sparse_delta_init_std == 0.01
     assert parsed.sparse_straight_through is False and parsed.sparse_init_threshold == 1e-4
     assert parsed.sparse_delta_eps == 0.0 and parsed.sparse_delta_lr_factor == 1.0
 

@@ -21,10 +21,16 @@ SPARSE_FLAG_DEFAULTS = {
     "sparse_targets": ",".join(DEFAULT_TARGETS),
     "sparse_init_threshold": _DEFAULTS.init_threshold,
     "sparse_threshold_lr": None,
-    "sparse_threshold_weight_decay": _DEFAULTS.threshold_weight_decay,
+    # None: 1.0, or 0 with --sparse_budget (the two together are refused; sparse_config_from_args)
+    "sparse_threshold_weight_decay": None,
     "sparse_threshold_granularity": _DEFAULTS.granularity,
     "sparse_delta_eps": _DEFAULTS.delta_eps,
     "sparse_delta_lr_factor": _DEFAULTS.delta_lr_factor,
+    "sparse_budget": _DEFAULTS.budget,
+    "sparse_threshold_scale": _DEFAULTS.threshold_scale,
+    "sparse_retrain_support": _DEFAULTS.retrain_support,
+    "sparse_delta_init_std": _DEFAULTS.delta_init_std,
+    "sparse_straight_through": _DEFAULTS.straight_through,
 }
 
 
