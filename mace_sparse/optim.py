@@ -144,7 +144,10 @@ def register_threshold_decay(optimizer: torch.optim.Optimizer) -> torch.optim.Op
 
 def keep_threshold_lr_ratio_in_swa(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
     """Give SWALR a per-group target so the threshold group and the delta groups keep their learning-rate
-    ratio to the run's lr in stage two (SWALR would otherwise move every group to the same ``swa_lr``)."""
+    ratio to the run's lr in stage two (SWALR would otherwise move every group to the same ``swa_lr``).
+    At ``--lr 0`` there is no ratio to keep (every group is at 0)."""
+    if not base_lr:
+        return
     for group in optimizer.param_groups:
         ours = group.get("name") == GROUP_NAME or group.get(DELTA_GROUP_KEY, False)
         if ours and "swa_lr" in group and "initial_lr" in group:

@@ -192,3 +192,58 @@ def test_bench_with_lr_grid_early_stop_and_ema_end_to_end(tmp_path, tiny_foundat
     md = (out / "bench.md").read_text()
     assert "Learning-rate selection" in md and "chosen on validation force MAE" in md
     assert len(list(out.glob("bench_*_curves.png"))) == 1 and len(list(out.glob("bench_*_tradeoff.png"))) == 1
+
+
+def test_watcher_waits_for_the_final_stop_and_finds_the_checkpoint_to_finish_from(tmp_path):
+    from mace_sparse.benchmarks.bench_train import _final_stop, latest_checkpoint_epoch
+
+    marker = bench_curve.STOP_LINE.encode()
+    stage = b"x INFO: Stopping optimization after 3 epochs without improvement and starting Stage Two\n"
+    assert not _final_stop(stage, marker)
+    assert not _final_stop(b"x INFO: Stopping optimization after 3 epochs without impro", marker)  # still written
+    assert _final_stop(stage + b"y INFO: Stopping optimization after 3 epochs without improvement\n", marker)
+    assert latest_checkpoint_epoch(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("m_run-0_epoch-4.pt", "m_run-0_epoch-12.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    assert latest_checkpoint_epoch(tmp_path) == 12
+    (tmp_path / "checkpoints" / "m_run-0_epoch-9_swa.pt").write_bytes(b"")
+    assert latest_checkpoint_epoch(tmp_path) == 9  # MACE's --restart_latest loads a stage-two checkpoint first
+
+
+def test_stage_two_methods_continue_with_stage_one_settings():
+    from mace.tools import build_default_arg_parser
+
+    from mace_sparse.integration.arguments import add_sparse_arguments
+
+    parser = add_sparse_arguments(build_default_arg_parser())
+    case = _case(extra_flags=("--energy_weight", "1", "--forces_weight", "10"))
+    settings = bench_methods.TrainSettings(epochs=100, lr=0.003, patience=15)
+    methods = bench_methods.all_methods()
+    rt = parser.parse_args(bench_methods.train_command(case, methods["sparse_str-B5-all-rt"], 0, settings, "x"))
+    assert rt.swa and rt.start_swa == 100 and rt.max_num_epochs == 100 + bench_methods.STAGE_TWO_EPOCHS
+    assert (rt.swa_lr, rt.swa_energy_weight, rt.swa_forces_weight) == (0.003, 1.0, 10.0)
+    assert rt.sparse_retrain_support is True and rt.sparse_budget == 0.05
+    s2 = parser.parse_args(bench_methods.train_command(case, methods["sparse_str-B5-all-s2"], 0, settings, "x"))
+    assert s2.swa and s2.sparse_retrain_support is False
+    plain = parser.parse_args(bench_methods.train_command(case, methods["sparse_str-B5-all"], 0, settings, "x"))
+    assert not plain.swa and plain.max_num_epochs == 100
+
+
+@pytest.mark.slow
+def test_retrain_method_stops_in_stage_two_and_scores_the_stage_two_model(tmp_path, tiny_foundation, emt_data):
+    """Stage one stops at patience, MACE jumps to stage two (the support is fixed), which stops at patience too;
+    the stage-two model and delta are what the run returns."""
+    from mace_sparse.benchmarks.bench_train import run_training
+
+    case = BenchCase(task="t", label="t/x", foundation=tiny_foundation, train_file=emt_data["slab_train"],
+                     test_file=emt_data["slab_test"], source_test_file=emt_data["bulk_test"], valid_fraction=0.2)
+    settings = bench_methods.TrainSettings(epochs=4, lr=0.0, patience=1)
+    method = bench_methods.all_methods()["sparse_str-B5-all-rt"]
+    args = bench_methods.train_command(case, method, 0, settings, str(emt_data["slab_train"]))
+    out = run_training(args, tmp_path / "run", patience=1, stage_two=True)
+    assert out.ok and out.stopped_early and out.model.name == "model_stagetwo.model"
+    assert out.delta is not None and out.delta.name == "model_stagetwo_sparse_delta.safetensors"
+    log = bench_curve.run_log(tmp_path / "run")
+    assert "starting Stage Two" in log and "support fixed" in log
+    assert max(p["epoch"] for p in out.curve) < 4 + bench_methods.STAGE_TWO_EPOCHS

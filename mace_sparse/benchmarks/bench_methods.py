@@ -18,6 +18,8 @@ the method's own flags differ:
   δ₀ = 1e-4, exact threshold gradients, plain Adam on ΔW, λ_τ 0.3, Linear and tensor-product weights only.
 * ``sparse_str-M-all``: the command line's defaults (λ_τ 1, κ 1).
 * ``sparse_str-B5-all``: a sparsity budget instead of λ_τ: ``--sparse_budget 0.05`` with relative thresholds.
+* ``sparse_str-B5-all-s2`` / ``-rt``: the same run continued in MACE's stage two (same lr and loss weights) once
+  stage one stops, without / with ``--sparse_retrain_support`` (the support fixed, the kept entries retrained).
 * ``sparse_str-{L,H}-{linear,all}``: ``--finetune_method sparse_str`` with a preset of :data:`SPARSE_PRESETS`
   and ``--sparse_targets linear`` or ``all``; everything else is the command line's default (ΔW at 3× the lr).
   L = λ_τ 0.3, the largest λ_τ the paper sweeps, below our default (1): accuracy first, fewer unchanged
@@ -46,6 +48,8 @@ PRESET_TARGETS: Dict[str, Tuple[str, ...]] = {"L": ("linear", "all"), "M": ("all
 #: The budget preset ``sparse_str-B5-all``: at most 5 % of the weights change (``--sparse_budget``), thresholds
 #: relative to each tensor's rms, λ_τ 0 (the budget replaces it).
 BUDGET_PRESET = 0.05
+#: Epochs of stage two for the ``-s2`` / ``-rt`` methods, on top of stage one's cap (patience ends it earlier).
+STAGE_TWO_EPOCHS = 50
 #: A second LoRA rank, for the accuracy / share-changed trade-off.
 LARGE_LORA_RANK = 16
 #: The released method as its authors describe it: ΔW started at randn·1e-2, δ₀ = 1e-4, exact gradients
@@ -79,6 +83,8 @@ class Method:
     cost_key: Optional[str]
     lambda_tau: Optional[float] = None
     targets: Optional[str] = None
+    #: the run continues in MACE's stage two (``--swa``) once stage one stops, and the stage-two model is scored
+    stage_two: bool = False
 
     @property
     def trains(self) -> bool:
@@ -120,6 +126,8 @@ def all_methods(
 ) -> Dict[str, Method]:
     """Every method by name, in report order; ``sparse_flags`` are appended to every sparse_str method's flags
     (later flags win in ``mace_run_train``, so they override a preset's)."""
+    budget = ("--finetune_method", "sparse_str", "--sparse_budget", str(BUDGET_PRESET),
+              "--sparse_threshold_scale", "relative", "--sparse_targets", "all", *sparse_flags)
     methods: List[Method] = [
         Method(ZERO_SHOT, ZERO_SHOT, (), None),
         Method("full", "full", ("--finetune_method", "full"), "full"),
@@ -130,10 +138,11 @@ def all_methods(
         Method("freeze", "freeze", ("--freeze", str(freeze)), "freeze"),
         Method("paper-recipe", "sparse_str", PAPER_RECIPE_FLAGS, "paper-recipe", lambda_tau=0.3,
                targets="linear,skip_tp"),
-        Method("sparse_str-B5-all", "sparse_str",
-               ("--finetune_method", "sparse_str", "--sparse_budget", str(BUDGET_PRESET),
-                "--sparse_threshold_scale", "relative", "--sparse_targets", "all", *sparse_flags),
-               "sparse_str-all", targets="all"),
+        Method("sparse_str-B5-all", "sparse_str", budget, "sparse_str-all", targets="all"),
+        # the support-retraining ablation: the same budget run continued in stage two, with and without fixing
+        Method("sparse_str-B5-all-s2", "sparse_str", budget, "sparse_str-all", targets="all", stage_two=True),
+        Method("sparse_str-B5-all-rt", "sparse_str", (*budget, "--sparse_retrain_support", "True"),
+               "sparse_str-all", targets="all", stage_two=True),
     ]
     for preset, values in SPARSE_PRESETS.items():
         for targets in PRESET_TARGETS[preset]:
@@ -190,6 +199,17 @@ def train_command(
     if not method.trains:
         raise ValueError(f"{method.name} does not train")
     valid = ["--valid_file", str(valid_file)] if valid_file else ["--valid_fraction", str(case.valid_fraction)]
+    epochs = settings.epochs
+    stage_two: List[str] = []
+    if method.stage_two:
+        # stage two starts when stage one stops (patience) or at the cap, keeps stage one's lr and loss weights
+        # (MACE's stage-two defaults, lr 1e-3 and energy weight 1000, would change the comparison), and gets
+        # STAGE_TWO_EPOCHS more epochs, ended early by the same patience
+        weights = dict(zip(case.extra_flags[::2], case.extra_flags[1::2]))
+        stage_two = ["--swa", "--start_swa", str(epochs), "--swa_lr", str(settings.lr),
+                     "--swa_energy_weight", weights.get("--energy_weight", "1"),
+                     "--swa_forces_weight", weights.get("--forces_weight", "100")]
+        epochs += STAGE_TWO_EPOCHS
     protocol = ["--error_table", "PerAtomMAE"]
     if settings.patience is not None:
         protocol += ["--patience", str(settings.patience)]
@@ -198,8 +218,8 @@ def train_command(
     return [
         "--name", name, "--foundation_model", str(case.foundation), "--train_file", str(train_file), *valid,
         "--E0s", case.e0s, "--energy_key", case.energy_key, "--forces_key", case.forces_key,
-        "--multiheads_finetuning", "False", "--max_num_epochs", str(settings.epochs),
+        "--multiheads_finetuning", "False", "--max_num_epochs", str(epochs),
         "--lr", str(settings.lr), "--batch_size", str(settings.batch_size), "--seed", str(seed),
         "--default_dtype", settings.dtype, "--device", settings.device, "--plot", "False", *protocol,
-        *case.extra_flags, *method.flags,
+        *case.extra_flags, *method.flags, *stage_two,
     ]

@@ -144,7 +144,8 @@ def _execute(jobs: Sequence[_Job], parallel: int) -> None:
     def one(job: _Job) -> _Job:
         with lock:
             LOG.info("run %d/%d: %s seed %d (%s) …", job.index, job.total, job.method.name, job.seed, job.case.label)
-        job.output = run_training(job.args, job.run_dir, patience=_patience(job.args))
+        job.output = run_training(job.args, job.run_dir, patience=_patience(job.args),
+                                  stage_two=job.method.stage_two)
         with lock:
             out = job.output
             extra = f", median epoch {out.epoch_s:.2f} s" if out.epoch_s is not None else ""

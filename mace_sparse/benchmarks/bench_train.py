@@ -95,11 +95,11 @@ def _run_once(cmd: List[str], run_dir: Path, watch_stop: bool, mode: str = "w") 
             with open(run_dir / "command.log", "rb") as fh:
                 fh.seek(seen)
                 chunk = fh.read()
-            if marker in chunk:
+            if _final_stop(chunk, marker):
                 proc.terminate()
                 proc.wait()
                 return STOPPED
-            seen = max(seen, seen + len(chunk) - len(marker))  # a marker cut in two is found next time
+            seen = max(seen, seen + len(chunk) - 200)  # a line cut in two is read again next time
         return proc.returncode
 
 
@@ -107,12 +107,34 @@ def _run_once(cmd: List[str], run_dir: Path, watch_stop: bool, mode: str = "w") 
 STOPPED = -1000
 
 
-def run_training(args: List[str], run_dir: Path, name: str = "model", patience: Optional[int] = None) -> TrainOutput:
+def _final_stop(chunk: bytes, marker: bytes) -> bool:
+    """A complete 'Stopping optimization' line that ends the run; with ``--swa`` MACE's first such line says
+    '... and starting Stage Two' and the run goes on."""
+    for line in chunk.split(b"\n")[:-1]:  # the last piece may be a line still being written
+        if marker in line and b"Stage Two" not in line:
+            return True
+    return False
+
+
+def latest_checkpoint_epoch(run_dir: Path) -> Optional[int]:
+    """The epoch of the checkpoint ``--restart_latest`` will load (MACE tries the stage-two ones first)."""
+    files = list((run_dir / "checkpoints").glob("*_epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
+    pattern = re.compile(r"_epoch-(\d+)(_swa)?\.pt$")
+    found = [(bool(m.group(2)), int(m.group(1))) for m in map(pattern.search, (f.name for f in files)) if m]
+    if not found:
+        return None
+    swa = [e for is_swa, e in found if is_swa]
+    return max(swa) if swa else max(e for _, e in found)
+
+
+def run_training(args: List[str], run_dir: Path, name: str = "model", patience: Optional[int] = None,
+                 stage_two: bool = False) -> TrainOutput:
     """Run ``mace_run_train ARGS`` in ``run_dir`` (created) and return what it produced.
 
     With ``patience`` (the run's ``--patience``), the run is stopped when MACE reports that patience is exhausted
     and finished from its best checkpoint (``--restart_latest --max_num_epochs <best epoch>``), so that the
-    saved model is the best-validation one and no epoch is trained past the stop.
+    saved model is the best-validation one and no epoch is trained past the stop. ``stage_two``: the run has
+    MACE's stage two (``--swa``); its outputs (``<name>_stagetwo.*``) are the ones returned.
 
     A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
     not repeated: an interrupted benchmark restarted with the same ``--out`` picks up where it stopped.
@@ -124,7 +146,8 @@ def run_training(args: List[str], run_dir: Path, name: str = "model", patience: 
     done = run_dir / DONE_FILE
     previous = json.loads(done.read_text()) if done.is_file() else None
     stopped = bool(previous and previous.get("stopped_early"))
-    if previous and previous.get("args") == list(args) and (run_dir / f"{name}.model").is_file():
+    stem = f"{name}_stagetwo" if stage_two else name
+    if previous and previous.get("args") == list(args) and (run_dir / f"{stem}.model").is_file():
         returncode, wall, reused = 0, float(previous["wall_s"]), True
     else:
         done.unlink(missing_ok=True)
@@ -135,7 +158,8 @@ def run_training(args: List[str], run_dir: Path, name: str = "model", patience: 
         returncode = _run_once(cmd, run_dir, watch_stop=patience is not None)
         stopped = returncode == STOPPED
         if stopped:
-            best = best_epoch_from_log(run_log(run_dir))
+            best = latest_checkpoint_epoch(run_dir)
+            best = best if best is not None else best_epoch_from_log(run_log(run_dir))
             finish = [*cmd, "--restart_latest", "--max_num_epochs", str(best if best is not None else 0)]
             returncode = _run_once(finish, run_dir, watch_stop=False, mode="a")
         wall = time.perf_counter() - start
@@ -143,10 +167,10 @@ def run_training(args: List[str], run_dir: Path, name: str = "model", patience: 
             done.write_text(json.dumps({"args": list(args), "wall_s": wall, "stopped_early": stopped}))
     log_text = run_log(run_dir)
     epoch_s = median_epoch_seconds(log_text) if log_text else None
-    delta = run_dir / f"{name}_sparse_delta.safetensors"
-    sparsity = run_dir / f"{name}_sparsity.json"
+    delta = run_dir / f"{stem}_sparse_delta.safetensors"
+    sparsity = run_dir / f"{stem}_sparsity.json"
     return TrainOutput(
-        run_dir=run_dir, model=run_dir / f"{name}.model", returncode=returncode, wall_s=wall, epoch_s=epoch_s,
+        run_dir=run_dir, model=run_dir / f"{stem}.model", returncode=returncode, wall_s=wall, epoch_s=epoch_s,
         delta=delta if delta.is_file() else None, sparsity_json=sparsity if sparsity.is_file() else None,
         reused=reused, curve=parse_curve(log_text), stopped_early=stopped,
     )
