@@ -63,6 +63,9 @@ def thresholds(module: torch.nn.Module, name: str) -> torch.Tensor:
     segments = module._buffers.get(SEGMENTS.format(name))
     if segments is not None:
         return delta_threshold[segments]
+    if module._parameters[DELTA.format(name)].dim() == 0:
+        # a scalar weight (e.g. alpha of the non-linear block): a (1,) δ would broadcast W' to shape (1,)
+        return delta_threshold.reshape(())
     return delta_threshold
 
 

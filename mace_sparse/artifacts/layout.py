@@ -32,7 +32,8 @@ def element_index(target: TargetWeight, model: torch.nn.Module, num_elements: in
     * symmetric contraction: axis 0 of the weight is the element;
     * skip tensor product whose second input is the one-hot element: axis 1 of each path block
       ``(mul_in1, num_elements, mul_out)``;
-    * node embedding ``o3.Linear``: its input is the one-hot element, so the rows (``mul_in``) are elements.
+    * an ``o3.Linear`` whose input is the one-hot element (node embedding, the non-linear block's
+      ``source_embedding``/``target_embedding``): the rows (``mul_in``) are elements.
     """
     weight = target.owner._parameters[target.name]
     if target.kind == "contraction" and target.element_axis == 0 and weight.shape[0] == num_elements:
@@ -41,8 +42,7 @@ def element_index(target: TargetWeight, model: torch.nn.Module, num_elements: in
         shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.has_weight]
         if all(len(s) == 3 and s[1] == num_elements for s in shapes):
             return _blocks_along(shapes, 1).view(weight.shape)
-    embedding = getattr(getattr(model, "node_embedding", None), "linear", None)
-    if target.kind == "linear" and target.owner is embedding:
+    if target.kind == "linear" and target.element_axis == 0 and target.name == "weight":
         shapes = [tuple(ins.path_shape) for ins in target.owner.instructions]
         if all(len(s) == 2 and s[0] == num_elements for s in shapes):
             return _blocks_along(shapes, 0).view(weight.shape)

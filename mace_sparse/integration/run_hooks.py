@@ -58,12 +58,18 @@ class FineTuneHooks:
             logging.info(f"Magnetic config: {json.dumps(self.magnetic.to_dict())}")
             logging.info(f"Moment head: {sum(p.numel() for p in head.parameters())} trainable parameters")
         if self.sparse is not None:
+            from ..coverage import coverage_of
             from ..sparse_model import get_sparse_model, trainable_parameters_line
 
             exclude = (HEAD_NAME,) if self.magnetic is not None else ()
+            coverage = coverage_of(model, self.sparse.targets, exclude)
             get_sparse_model(model, self.sparse, exclude_prefixes=exclude)
             logging.info("===========SPARSE FINE-TUNING (sparse_str)===========")
             logging.info(f"Sparse config: {json.dumps(self.sparse.to_dict())}")
+            logging.info(coverage.share_line())
+            frozen = coverage.frozen_line()
+            if frozen is not None:
+                logging.warning(frozen)
             logging.info(trainable_parameters_line(model))
         self.model = model
         return model
