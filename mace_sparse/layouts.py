@@ -27,8 +27,12 @@ def irrep_label(irreps, index: int) -> str:
 
 
 def linear_layout(linear) -> Layout:
-    """An e3nn ``o3.Linear`` weight: one path per instruction ``irrep_in -> irrep_out``."""
-    instructions = list(linear.instructions)
+    """An e3nn ``o3.Linear`` weight: one path per instruction ``irrep_in -> irrep_out``.
+
+    With ``biases=True`` e3nn lists the biases as extra instructions with ``i_in == -1``; they live in the
+    separate ``bias`` Parameter, not in ``weight``, so they are not paths of the weight.
+    """
+    instructions = [ins for ins in linear.instructions if ins.i_in != -1]
     labels = [
         f"{irrep_label(linear.irreps_in, ins.i_in)} -> {irrep_label(linear.irreps_out, ins.i_out)}"
         for ins in instructions
