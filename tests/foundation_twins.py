@@ -37,6 +37,7 @@ Sizes: C = 4 channels, 2–3 elements, radial MLP of the same depth with width 8
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
@@ -107,8 +108,22 @@ def _irreps(pattern: str, channels: int = CHANNELS) -> str:
     return "+".join(f"{channels}x{ir}" for ir in pattern.split("+"))
 
 
+_BUILT: Dict[Tuple[str, int], torch.nn.Module] = {}
+
+
 def build_twin(twin: Twin, seed: int = 0) -> torch.nn.Module:
-    """The twin as a float64 ``ScaleShiftMACE`` with random weights (seeded)."""
+    """The twin as a float64 ``ScaleShiftMACE`` with random weights (seeded); a fresh copy on every call.
+
+    Building is the slow part (MACE computes the contraction's U matrices), so each twin is built once per
+    test session and deep-copied.
+    """
+    key = (twin.name, seed)
+    if key not in _BUILT:
+        _BUILT[key] = _build(twin, seed)
+    return copy.deepcopy(_BUILT[key])
+
+
+def _build(twin: Twin, seed: int) -> torch.nn.Module:
     from e3nn import o3
     from mace import modules
 
