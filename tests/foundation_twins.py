@@ -68,6 +68,8 @@ class Twin:
     edge_irreps: Optional[str] = None
     bias_readout: bool = False
     embedding_specs: Optional[Dict] = None
+    channels: int = CHANNELS  # a size knob only (bench-step builds larger twins)
+    radial_width: int = 8
 
 
 R, RES, DEN, DENRES = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock",
@@ -140,13 +142,13 @@ def _build(twin: Twin, seed: int) -> torch.nn.Module:
             r_max=twin.r_max, num_bessel=4, num_polynomial_cutoff=5, max_ell=twin.max_ell,
             interaction_cls=modules.interaction_classes[twin.interaction],
             interaction_cls_first=modules.interaction_classes[twin.first],
-            num_interactions=2, num_elements=len(twin.elements), hidden_irreps=o3.Irreps(_irreps(twin.hidden)),
+            num_interactions=2, num_elements=len(twin.elements), hidden_irreps=o3.Irreps(_irreps(twin.hidden, twin.channels)),
             MLP_irreps=o3.Irreps("4x0e"), atomic_energies=np.zeros((len(twin.heads), len(twin.elements))),
             avg_num_neighbors=8.0, atomic_numbers=list(twin.elements), correlation=twin.correlation,
             gate=torch.nn.functional.silu, pair_repulsion=twin.pair_repulsion,
-            distance_transform=twin.distance_transform, radial_MLP=[8] * twin.radial_layers,
+            distance_transform=twin.distance_transform, radial_MLP=[twin.radial_width] * twin.radial_layers,
             heads=list(twin.heads), use_agnostic_product=twin.agnostic_product,
-            edge_irreps=o3.Irreps(_irreps(twin.edge_irreps)) if twin.edge_irreps else None,
+            edge_irreps=o3.Irreps(_irreps(twin.edge_irreps, twin.channels)) if twin.edge_irreps else None,
             atomic_inter_scale=[1.0] * len(twin.heads), atomic_inter_shift=[0.0] * len(twin.heads), **kwargs,
         )
     finally:
