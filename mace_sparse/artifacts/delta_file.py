@@ -59,6 +59,7 @@ FORMAT_VERSION = "2"
 #: Metadata values stored as JSON (everything else is a plain string).
 JSON_KEYS = (
     "derivation",
+    "heads",
     "targets",
     "threshold_weight_decay",
     "sparse_config",
@@ -264,6 +265,7 @@ def build_delta(
         "threshold_weight_decay": float(config.threshold_weight_decay),
         "sparse_config": config.to_dict(),
         "atomic_numbers": [int(z) for z in atomic_numbers.tolist()] if atomic_numbers is not None else [],
+        "heads": list(getattr(foundation, "heads", None) or ["Default"]),
         "changed_entries": sum(e.count for e in entries.values() if e.parameter),
         "total_entries": sum(p.numel() for p in merged.parameters()),
         "adapted_entries": sum(r["size"] for r in layers),

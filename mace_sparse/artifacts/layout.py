@@ -49,6 +49,26 @@ def element_index(target: TargetWeight, model: torch.nn.Module, num_elements: in
     return None
 
 
+def head_index(target: TargetWeight, num_heads: int) -> Optional[torch.Tensor]:
+    """Readout head of every entry of a multihead readout weight, else None.
+
+    MACE's readouts of an ``n``-head model output ``n×0e`` (one column per head), and their hidden layers
+    ``(n·MLP)×0e`` are masked per head in blocks of ``MLP`` channels (``mask_head``): the head of an entry is
+    its output channel's block.
+    """
+    if num_heads < 2 or target.kind != "linear" or not target.qualified_name.startswith("readouts."):
+        return None
+    irreps_out = target.owner.irreps_out
+    if len(irreps_out) != 1 or not irreps_out[0].ir.is_scalar() or irreps_out[0].mul % num_heads:
+        return None
+    block = irreps_out[0].mul // num_heads
+    weight = target.owner._parameters[target.name]
+    if target.name == "bias":
+        return (torch.arange(weight.numel()) // block).view(weight.shape)
+    shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.i_in != -1]
+    return (_blocks_along(shapes, 1) // block).view(weight.shape)
+
+
 def _thresholds_per_path(sparse_model: torch.nn.Module, num_paths: Dict[str, int]) -> Dict[str, List[float]]:
     """Final δ = sigmoid(score) of each adapted weight, one value per path (a layer δ is repeated)."""
     out = {}
@@ -79,6 +99,7 @@ def layer_records(
     atomic_numbers = getattr(foundation, "atomic_numbers", None)
     num_elements = int(atomic_numbers.numel()) if isinstance(atomic_numbers, torch.Tensor) else 0
     params = dict(foundation.named_parameters())
+    num_heads = len(getattr(foundation, "heads", None) or ["Default"])
     num_paths = {q: len(targets[q].path_labels) for q in adapted if q in targets}
     thresholds = _thresholds_per_path(model, num_paths)
     granularity = {
@@ -107,6 +128,10 @@ def layer_records(
             "path_changed": torch.bincount(path_index[mask], minlength=len(labels)).tolist(),
             "path_threshold": thresholds[qualified],
         }
+        heads = head_index(target, num_heads) if target is not None else None
+        if heads is not None:
+            record["head_size"] = torch.bincount(heads.reshape(-1), minlength=num_heads).tolist()
+            record["head_changed"] = torch.bincount(heads[mask], minlength=num_heads).tolist()
         elements = element_index(target, foundation, num_elements) if target is not None and num_elements else None
         if elements is not None:
             record["element_size"] = torch.bincount(elements.reshape(-1), minlength=num_elements).tolist()
