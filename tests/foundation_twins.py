@@ -5,24 +5,26 @@ from its published hyperparameters, shrunk where only the size changes (channels
 width, Bessel functions), never where the module types change (interaction classes, irreps pattern / max_L,
 max_ell, correlation, number of MLP layers, ZBL, distance transform, number of heads, readout class).
 
-| twin            | family (mace_mp / mace_off name)        | first block → other blocks                   | hidden (×C) | max_ell | corr | ZBL | transform | heads |
-|-----------------|-----------------------------------------|----------------------------------------------|-------------|---------|------|-----|-----------|-------|
-| mp0-small       | mace_mp small (MACE-MP-0, 128x0e)        | Residual → Residual                          | 0e          | 3       | 3    | no  | None      | 1     |
-| mp0-medium      | mace_mp medium (MACE-MP-0, L1)           | Residual → Residual                          | 0e+1o       | 3       | 3    | no  | None      | 1     |
-| mp0-large       | mace_mp large (MACE-MP-0, L2)            | Residual → Residual                          | 0e+1o+2e    | 3       | 3    | no  | None      | 1     |
-| mp0b3-medium    | medium-0b3                               | Density → DensityResidual                    | 0e+1o       | 3       | 3    | yes | Agnesi    | 1     |
-| mpa0-medium     | medium-mpa-0                             | Density → DensityResidual                    | 0e+1o       | 3       | 3    | yes | Agnesi    | 1     |
-| omat0-small     | small-omat-0                             | Density → DensityResidual                    | 0e          | 3       | 3    | yes | Agnesi    | 1     |
-| omat0-medium    | medium-omat-0                            | Density → DensityResidual                    | 0e+1o       | 3       | 3    | yes | Agnesi    | 1     |
-| matpes-0        | mace-matpes-pbe-0 / -r2scan-0 (OMAT ft)  | Density → DensityResidual                    | 0e+1o       | 3       | 3    | yes | None      | 1     |
-| mh-0            | mh-0                                     | ResidualNonLinear → ResidualNonLinear        | 0e+1o       | 3       | 3    | yes | Agnesi    | 2     |
-| mh-1            | mh-1                                     | ResidualNonLinear → ResidualNonLinear        | 0e+1o+2e    | 3       | 3    | yes | Agnesi    | 3     |
-| off23-small     | MACE-OFF23 small (96x0e)                 | Interaction (non-residual) → Residual        | 0e          | 3       | 3    | no  | None      | 1     |
-| off23-medium    | MACE-OFF23 medium                        | Interaction (non-residual) → Residual        | 0e+1o       | 3       | 3    | no  | None      | 1     |
-| off23-large     | MACE-OFF23 large                         | Interaction (non-residual) → Residual        | 0e+1o+2e    | 3       | 3    | no  | None      | 1     |
-| off24-medium    | MACE-OFF24 medium                        | Residual → Residual                          | 0e+1o       | 3       | 3    | no  | None      | 1     |
-| att-residual    | (no foundation; completes interaction_classes) | AttResidual → AttResidual               | 0e+1o       | 2       | 2    | no  | None      | 1     |
-| embedding-specs | (--embedding_specs: charge, spin, temperature; embedding readout) | Residual → Residual | 0e+1o  | 2       | 2    | no  | None      | 1     |
+| twin            | family (MACE name)            | blocks: first → others      | hidden   | ℓ | ν | ZBL | transf. | h |
+|-----------------|-------------------------------|-----------------------------|----------|---|---|-----|---------|---|
+| mp0-small       | mace_mp small (MP-0, 128x0e)  | Residual → Residual         | 0e       | 3 | 3 | no  | None    | 1 |
+| mp0-medium      | mace_mp medium (MP-0, L1)     | Residual → Residual         | 0e+1o    | 3 | 3 | no  | None    | 1 |
+| mp0-large       | mace_mp large (MP-0, L2)      | Residual → Residual         | 0e+1o+2e | 3 | 3 | no  | None    | 1 |
+| mp0b3-medium    | medium-0b3                    | Density → DensityResidual   | 0e+1o    | 3 | 3 | yes | Agnesi  | 1 |
+| mpa0-medium     | medium-mpa-0                  | Density → DensityResidual   | 0e+1o    | 3 | 3 | yes | Agnesi  | 1 |
+| omat0-small     | small-omat-0                  | Density → DensityResidual   | 0e       | 3 | 3 | yes | Agnesi  | 1 |
+| omat0-medium    | medium-omat-0                 | Density → DensityResidual   | 0e+1o    | 3 | 3 | yes | Agnesi  | 1 |
+| matpes-0        | mace-matpes-pbe-0 / -r2scan-0 | Density → DensityResidual   | 0e+1o    | 3 | 3 | yes | None    | 1 |
+| mh-0            | mh-0                          | ResNonLinear → ResNonLinear | 0e+1o    | 3 | 3 | yes | Agnesi  | 2 |
+| mh-1            | mh-1                          | ResNonLinear → ResNonLinear | 0e+1o+2e | 3 | 3 | yes | Agnesi  | 3 |
+| off23-small     | MACE-OFF23 small (96x0e)      | Interaction → Residual      | 0e       | 3 | 3 | no  | None    | 1 |
+| off23-medium    | MACE-OFF23 medium             | Interaction → Residual      | 0e+1o    | 3 | 3 | no  | None    | 1 |
+| off23-large     | MACE-OFF23 large              | Interaction → Residual      | 0e+1o+2e | 3 | 3 | no  | None    | 1 |
+| off24-medium    | MACE-OFF24 medium             | Residual → Residual         | 0e+1o    | 3 | 3 | no  | None    | 1 |
+| att-residual    | (no foundation: AttResidual)  | AttResidual → AttResidual   | 0e+1o    | 2 | 2 | no  | None    | 1 |
+| embedding-specs | --embedding_specs + readout   | Residual → Residual         | 0e+1o    | 2 | 2 | no  | None    | 1 |
+
+(ℓ = max_ell, ν = correlation; the mh twins also use element-agnostic products, edge irreps and the bias readout.)
 
 Sources and honesty: block classes, irreps, r_max and correlation of MP-0 are those of its training log
 (``interaction_first=RealAgnosticResidualInteractionBlock``, 128 channels, max_ell 3, correlation 3,
@@ -142,7 +144,8 @@ def _build(twin: Twin, seed: int) -> torch.nn.Module:
             r_max=twin.r_max, num_bessel=4, num_polynomial_cutoff=5, max_ell=twin.max_ell,
             interaction_cls=modules.interaction_classes[twin.interaction],
             interaction_cls_first=modules.interaction_classes[twin.first],
-            num_interactions=2, num_elements=len(twin.elements), hidden_irreps=o3.Irreps(_irreps(twin.hidden, twin.channels)),
+            num_interactions=2, num_elements=len(twin.elements),
+            hidden_irreps=o3.Irreps(_irreps(twin.hidden, twin.channels)),
             MLP_irreps=o3.Irreps("4x0e"), atomic_energies=np.zeros((len(twin.heads), len(twin.elements))),
             avg_num_neighbors=8.0, atomic_numbers=list(twin.elements), correlation=twin.correlation,
             gate=torch.nn.functional.silu, pair_repulsion=twin.pair_repulsion,

@@ -101,7 +101,8 @@ def test_frozen_parameters_are_named_with_their_reason():
     assert set(coverage.adapted) == {"linear", "contraction"}
     line = coverage.frozen_line()
     assert line.count("\n") == 0 and line.startswith("sparse_str leaves frozen: ")
-    assert f"radial_embedding.bessel_fn.bessel_weights ({bessel.bessel_weights.numel()} entries: {NOT_OPTIMISED})" in line
+    n_bessel = bessel.bessel_weights.numel()
+    assert f"radial_embedding.bessel_fn.bessel_weights ({n_bessel} entries: {NOT_OPTIMISED})" in line
     for kind in ("radial", "norm", "scalar"):
         assert f"kind {kind} not in --sparse_targets" in line
     assert "interactions.0.alpha" in line and "interactions.1.conv_tp_weights.net.1.bias" in line

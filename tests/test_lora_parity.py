@@ -18,7 +18,7 @@ from mace_sparse.model_walker import find_targets
 
 
 def lora_adapted_weights(model):
-    """Names (in ``model``) of the base weights MACE's LoRA wraps: ``X.base.weight`` in the LoRA model is ``X.weight``."""
+    """Names (in ``model``) of the base weights MACE's LoRA wraps (``X.base.weight`` there is ``X.weight`` here)."""
     from mace.modules.lora import LoRADenseLinear, LoRAFCLayer, LoRAO3Linear, inject_LoRAs
 
     lora = inject_LoRAs(copy.deepcopy(model), rank=2, alpha=1)

@@ -91,7 +91,9 @@ def test_apply_on_the_users_file_rebuilds_the_run_and_revert_gives_the_derived_m
     rc = cli_main(["apply", "--foundation", str(cwd / foundation), "--delta", str(cwd / "ft_sparse_delta.safetensors"),
                    "-o", str(cwd / "rebuilt.model")])
     assert rc == 0
-    trained, rebuilt = (torch.load(cwd / n, map_location="cpu", weights_only=False) for n in ("ft.model", "rebuilt.model"))
+    trained, rebuilt = (
+        torch.load(cwd / n, map_location="cpu", weights_only=False) for n in ("ft.model", "rebuilt.model")
+    )
     assert list(rebuilt.state_dict()) == list(trained.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), trained.state_dict().values()))
     assert model_fingerprint(rebuilt) == model_fingerprint(trained) == delta.merged_fingerprint

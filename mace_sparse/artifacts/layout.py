@@ -26,8 +26,8 @@ def _blocks_along(shapes: List[tuple], axis: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def element_index(target: TargetWeight, model: torch.nn.Module, num_elements: int) -> Optional[torch.Tensor]:
-    """Element (position in ``model.atomic_numbers``) of every entry of an element-dependent weight, else None.
+def element_index(target: TargetWeight, num_elements: int) -> Optional[torch.Tensor]:
+    """Element (position in the model's ``atomic_numbers``) of every entry of an element-dependent weight, else None.
 
     * symmetric contraction: axis 0 of the weight is the element;
     * skip tensor product whose second input is the one-hot element: axis 1 of each path block
@@ -132,7 +132,7 @@ def layer_records(
         if heads is not None:
             record["head_size"] = torch.bincount(heads.reshape(-1), minlength=num_heads).tolist()
             record["head_changed"] = torch.bincount(heads[mask], minlength=num_heads).tolist()
-        elements = element_index(target, foundation, num_elements) if target is not None and num_elements else None
+        elements = element_index(target, num_elements) if target is not None and num_elements else None
         if elements is not None:
             record["element_size"] = torch.bincount(elements.reshape(-1), minlength=num_elements).tolist()
             record["element_changed"] = torch.bincount(elements[mask], minlength=num_elements).tolist()
