@@ -110,3 +110,32 @@ def test_apply_on_the_users_file_rebuilds_the_run_and_revert_gives_the_derived_m
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "made for a different foundation" in err and err.count("\n") == 0
     assert not (cwd / "wrong.model").exists()
+
+
+@pytest.mark.slow
+def test_apply_one_head_of_a_replay_run_and_refuse_a_head_the_delta_lacks(runs, capsys):
+    from mace.tools.scripts_utils import remove_pt_head
+
+    cwd = runs["replay"]
+    delta_file = str(cwd / "ft_sparse_delta.safetensors")
+    assert load_delta(delta_file).metadata["heads"] == ["pt_head", "Default"]
+    rc = cli_main(["apply", "--foundation", str(cwd / "two_heads.model"), "--delta", delta_file,
+                   "-o", str(cwd / "default_head.model"), "--head", "Default"])
+    assert rc == 0
+    single = torch.load(cwd / "default_head.model", map_location="cpu", weights_only=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        expected = remove_pt_head(torch.load(cwd / "ft.model", map_location="cpu", weights_only=False), "Default")
+    finally:
+        torch.set_default_dtype(previous)
+    assert single.heads == ["Default"] and model_fingerprint(single) == model_fingerprint(expected)
+    capsys.readouterr()
+    rc = cli_main(["apply", "--foundation", str(cwd / "two_heads.model"), "--delta", delta_file,
+                   "-o", str(cwd / "nope.model"), "--head", "omat_pbe"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == (
+        "mace_sparse apply: error: --head 'omat_pbe' is not a head of the fine-tuned model of this delta "
+        "(it has pt_head, Default); give one of those"
+    )
+    assert not (cwd / "nope.model").exists()
