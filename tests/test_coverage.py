@@ -131,3 +131,48 @@ def test_run_start_logs_share_per_kind_and_one_warning_line(caplog):
         FineTuneHooks(argparse.Namespace(lr=0.01), SparseConfig(), None).configure_model(build_twin(MH))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # all: nothing left frozen
     assert any("sparse_str adapts 100.0% of the" in r.getMessage() for r in caplog.records)
+
+
+def _variant(**overrides):
+    """A small plain ``MACE`` with one MACE constructor option changed (another model class: ``cls=<name>``)."""
+    import numpy as np
+    from e3nn import o3
+    from mace import modules
+
+    residual = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    config = dict(
+        r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=2, interaction_cls=residual,
+        interaction_cls_first=residual, num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps("4x0e+4x1o"),
+        MLP_irreps=o3.Irreps("4x0e"), atomic_energies=np.zeros(2), avg_num_neighbors=3.0, atomic_numbers=[1, 8],
+        correlation=2, gate=torch.nn.functional.silu, radial_MLP=[8, 8],
+    )
+    cls = getattr(modules, overrides.pop("cls", "MACE"))
+    config.update(overrides)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+VARIANTS = {
+    "three-interactions": {"num_interactions": 3},
+    "gaussian-radial": {"radial_type": "gaussian"},
+    "chebyshev-radial": {"radial_type": "chebyshev"},
+    "last-readout-only": {"use_last_readout_only": True},
+    "keep-last-layer-irreps": {"keep_last_layer_irreps": True},
+    "so3": {"use_so3": True},
+    "soft-transform": {"distance_transform": "Soft"},
+    "no-cutoff": {"apply_cutoff": False},
+    "energy-dipoles-model": {"cls": "EnergyDipolesMACE"},
+}
+
+
+@pytest.mark.parametrize("overrides", list(VARIANTS.values()), ids=list(VARIANTS))
+def test_other_mace_options_are_fully_covered_too(overrides):
+    model = _variant(**dict(overrides))
+    coverage = coverage_of(model, TARGET_KINDS)
+    assert coverage.frozen == [], coverage.frozen_line()
+    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not MACE's zeroed EmptyParam
+    assert coverage.adapted_total == coverage.trainable == learnable > 0
