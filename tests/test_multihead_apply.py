@@ -10,6 +10,7 @@ derived model, and a delta applied to another file is still refused in one line.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import mace  # noqa: F401  (before e3nn)
 import pytest
@@ -119,6 +120,9 @@ def test_apply_one_head_of_a_replay_run_and_refuse_a_head_the_delta_lacks(runs, 
     cwd = runs["replay"]
     delta_file = str(cwd / "ft_sparse_delta.safetensors")
     assert load_delta(delta_file).metadata["heads"] == ["pt_head", "Default"]
+    sparsity = json.loads((cwd / "ft_sparsity.json").read_text())  # the run's report: changes per head
+    assert [h["head"] for h in sparsity["heads"]] == ["pt_head", "Default"]
+    assert sum(h["changed"] for h in sparsity["heads"]) > 0 and sparsity["heads_per_layer"]
     rc = cli_main(["apply", "--foundation", str(cwd / "two_heads.model"), "--delta", delta_file,
                    "-o", str(cwd / "default_head.model"), "--head", "Default"])
     assert rc == 0

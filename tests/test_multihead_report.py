@@ -16,14 +16,14 @@ import torch
 
 from foundation_twins import TWINS, build_twin
 from mace_sparse import SparseConfig, get_sparse_model
-from mace_sparse.artifacts.delta_file import build_delta
+from mace_sparse.artifacts.delta_file import build_delta, load_delta, save_delta
 from mace_sparse.artifacts.report import format_report, report_data
 
 MH0 = next(t for t in TWINS if t.name == "mh-0")
 SINGLE = next(t for t in TWINS if t.name == "mp0-medium")
 
 
-def test_changes_in_one_heads_readout_columns_are_counted_for_that_head_only():
+def test_changes_in_one_heads_readout_columns_are_counted_for_that_head_only(tmp_path):
     model = build_twin(MH0)
     heads = list(model.heads)
     assert len(heads) == 2
@@ -36,7 +36,9 @@ def test_changes_in_one_heads_readout_columns_are_counted_for_that_head_only():
         first.weight_delta.view(mul_in, len(heads))[:, 1] = 0.5  # head 1 column
         last.weight_delta.view(len(heads) * mlp, len(heads))[:3, 0] = 0.5  # three entries of head 0's column
         last.bias_delta[1] = 0.5
-    data = report_data(build_delta(sparse))
+    save_delta(sparse, tmp_path / "mh_sparse_delta.safetensors")
+    data = report_data(load_delta(tmp_path / "mh_sparse_delta.safetensors"))  # through the file
+    assert data == report_data(build_delta(sparse))
     per_layer = {(h["layer"], h["head"]): h["changed"] for h in data["heads_per_layer"]}
     assert per_layer[("readouts.0.linear.weight", heads[0])] == 0
     assert per_layer[("readouts.0.linear.weight", heads[1])] == mul_in

@@ -307,7 +307,7 @@ def payload_sha256(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tens
 
 #: Columns of the per-layer records as stored (columnar: the keys are not repeated for every layer).
 LAYER_COLUMNS = ("name", "kind", "shape", "size", "changed", "threshold_granularity", "path_labels", "path_size",
-                 "path_changed", "path_threshold", "element_size", "element_changed")
+                 "path_changed", "path_threshold", "element_size", "element_changed", "head_size", "head_changed")
 
 
 def _layers_to_columns(layers: List[dict]) -> dict:
