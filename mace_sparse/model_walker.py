@@ -211,7 +211,9 @@ def find_targets(
     kinds: Sequence[str],
     exclude_prefixes: Sequence[str] = (),
 ) -> List[TargetWeight]:
-    """All adaptable weights of ``model`` whose kind is in ``kinds``, in module order.
+    """All adaptable weights of ``model`` whose kind is in ``kinds``, in module order (except that a
+    ``RadialMLP``'s Linear layers come before its LayerNorms; :func:`~mace_sparse.reparametrization.
+    iter_reparametrized`, which orders the report, is strictly in module order).
 
     Frozen or zeroed weights (``requires_grad=False``, MACE's ``EmptyParam``) and Parameters MACE never
     optimises are skipped: they are not learnable in MACE either.
