@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-#: Weight kinds that can be adapted, in the order they are reported.
-TARGET_KINDS: Tuple[str, ...] = ("linear", "skip_tp", "contraction", "radial")
+#: Weight kinds that can be adapted, in the order they are reported (:mod:`mace_sparse.model_walker` says
+#: which MACE weights each covers). Together they cover every Parameter MACE 0.3.16 optimises.
+TARGET_KINDS: Tuple[str, ...] = ("linear", "skip_tp", "contraction", "radial", "norm", "scalar", "embedding")
 
 #: Default targets. On the small foundations this package trains on, the radial MLP holds most of the
-#: parameters and "linear only" caps accuracy (see README, "Choosing targets"), so all four kinds are adapted.
+#: parameters and "linear only" caps accuracy (see README, "Choosing targets"), so every kind is adapted.
 DEFAULT_TARGETS: Tuple[str, ...] = TARGET_KINDS
 
 GRANULARITIES: Tuple[str, ...] = ("layer", "path")
@@ -51,7 +52,8 @@ class SparseConfig:
     """Settings of soft-threshold reparameterised (STR) fine-tuning.
 
     Attributes:
-        targets: weight kinds to adapt (``linear``, ``skip_tp``, ``contraction``, ``radial``).
+        targets: weight kinds to adapt (:data:`TARGET_KINDS`; ``all`` is every kind, i.e. every Parameter
+            MACE would optimise).
         init_threshold: initial δ. δ is **absolute**, as in the paper: an entry of ΔW changes the model only
             once its magnitude exceeds δ. δ = sigmoid(s) with a learnable score s, so 0 < δ < 1.
         threshold_lr: learning rate of the threshold scores (``None``: the model learning rate).

@@ -89,6 +89,9 @@ def thresholds(module: torch.nn.Module, name: str) -> torch.Tensor:
     segments = module._buffers.get(SEGMENTS.format(name))
     if segments is not None:
         delta_threshold = delta_threshold[segments]
+    elif module._parameters[DELTA.format(name)].dim() == 0:
+        # a scalar weight (e.g. alpha of the non-linear block): a (1,) δ would broadcast W' to shape (1,)
+        delta_threshold = delta_threshold.reshape(())
     cut = module.__dict__.get(CUT_ATTR)
     if cut is not None:
         delta_threshold = torch.maximum(delta_threshold, cut)

@@ -21,6 +21,9 @@ from .model_walker import find_targets
 
 #: Marker in the model's instance dict: the config the model was made sparse-trainable with.
 CONFIG_ATTR = "_sparse_str_config"
+#: In the model's instance dict of a ``mace_run_train`` run: how MACE derived the model from the user's
+#: foundation file (:mod:`mace_sparse.artifacts.derivation`), written into the delta header.
+DERIVATION_ATTR = "_sparse_str_derivation"
 
 
 def is_sparse_model(model: torch.nn.Module) -> bool:
@@ -205,6 +208,7 @@ def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         rp.remove_hooks(module)
     model.__dict__.pop(CONFIG_ATTR, None)
+    model.__dict__.pop(DERIVATION_ATTR, None)
     for param in model.parameters():
         if not isinstance(param, _empty_param_type()):
             param.requires_grad_(True)

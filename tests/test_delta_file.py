@@ -197,7 +197,7 @@ def test_metadata_records_versions_fingerprints_and_thresholds(sparse_case, foun
     assert meta["mace_torch_version"] == "0.3.16"
     assert meta["foundation_fingerprint"] == model_fingerprint(foundation_model)
     assert meta["merged_fingerprint"] == model_fingerprint(merged)
-    assert meta["targets"] == ["linear", "skip_tp", "contraction", "radial"]
+    assert meta["targets"] == ["linear", "skip_tp", "contraction", "radial", "norm", "scalar", "embedding"]
     assert meta["granularity"] == SparseConfig().granularity
     assert meta["threshold_weight_decay"] == SparseConfig().threshold_weight_decay
     for record, (_, owner, name) in zip(meta["layers"], rp.iter_reparametrized(sparse)):

@@ -261,7 +261,7 @@ def test_good_input_passes_every_check_and_writes_nothing(tiny_foundation, emt_d
     "kwargs, message",
     [
         (dict(targets="linear,foo"),
-         "--sparse_targets: unknown weight kind 'foo'; choose from linear, skip_tp, contraction, radial or 'all'"),
+         "--sparse_targets: unknown weight kind 'foo'; choose from linear, skip_tp, contraction, radial, norm, scalar, embedding or 'all'"),
         (dict(init_threshold=0.0), "--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got 0.0"),
         (dict(init_threshold=-1e-3), "--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got -0.001"),
         (dict(init_threshold=1.0), "--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got 1.0"),

@@ -274,12 +274,17 @@ def build_delta(
         "threshold_weight_decay": float(config.threshold_weight_decay),
         "sparse_config": config.to_dict(),
         "atomic_numbers": [int(z) for z in atomic_numbers.tolist()] if atomic_numbers is not None else [],
+        "heads": list(getattr(foundation, "heads", None) or ["Default"]),
         "changed_entries": sum(e.count for e in entries.values() if e.parameter),
         "total_entries": sum(p.numel() for p in merged.parameters()),
         "adapted_entries": sum(r["size"] for r in layers),
         "changed_adapted_entries": sum(r["changed"] for r in layers),
         "layers": layers,
     }
+    from ..sparse_model import DERIVATION_ATTR
+
+    if model.__dict__.get(DERIVATION_ATTR) is not None:
+        metadata["derivation"] = model.__dict__[DERIVATION_ATTR]
     return SparseDelta(entries=entries, metadata=metadata)
 
 
@@ -569,6 +574,9 @@ def apply_delta(
     (and, for a file or header, before decompressing anything). Returns a new model unless ``inplace``.
     """
     delta = _as_header(delta)
+    derived = _replayed_derivation(foundation_model, delta)
+    if derived is not None:
+        foundation_model, inplace = derived, True
     _check_fingerprint(
         foundation_model,
         delta.foundation_fingerprint,
@@ -580,6 +588,29 @@ def apply_delta(
     _flip_values(model, delta)  # new = old ^ x
     _check_fingerprint(model, delta.merged_fingerprint, "result", "the delta file is inconsistent")
     return model
+
+
+def _replayed_derivation(model: torch.nn.Module, delta: SparseDelta) -> Optional[torch.nn.Module]:
+    """The model the run trained, rebuilt from the user's foundation file when ``model`` is that file.
+
+    ``None`` when ``model`` already is the derived model, or is not the recorded source (then the usual refusal
+    follows). A replay that does not reproduce the recorded model bit for bit is refused here.
+    """
+    derivation = delta.metadata.get("derivation")
+    if not derivation:
+        return None
+    fingerprint = model_fingerprint(model)
+    if fingerprint == delta.foundation_fingerprint or fingerprint != derivation.get("source_fingerprint"):
+        return None
+    from .derivation import describe, replay_derivation
+
+    derived = replay_derivation(model, derivation)
+    if model_fingerprint(derived) != delta.foundation_fingerprint:
+        raise DeltaMismatchError(
+            f"replaying how MACE derived the trained model ({describe(derivation)}) did not reproduce it; "
+            "give the derived model instead (`mace_sparse revert` rebuilds it from the fine-tuned model)"
+        )
+    return derived
 
 
 def revert_delta(

@@ -31,11 +31,17 @@ FORMAT = "mace-sparse-delta"
 #: 1: ``new.<dtype>``/``old.<dtype>`` value arrays (never released); 2: one compressed XOR stream per dtype.
 FORMAT_VERSION = "2"
 #: Metadata values stored as JSON (everything else is a plain string).
-JSON_KEYS = ("targets", "threshold_weight_decay", "sparse_config", "atomic_numbers", "entries", "streams",
-             "layers", "changed_entries", "total_entries", "adapted_entries", "changed_adapted_entries")
+REQUIRED_JSON_KEYS = ("targets", "threshold_weight_decay", "sparse_config", "atomic_numbers", "entries", "streams",
+                      "layers", "changed_entries", "total_entries", "adapted_entries", "changed_adapted_entries")
+#: JSON keys that files written before multihead support lack: ``heads`` (readout heads of the fine-tuned model)
+#: and ``derivation`` (how MACE derived the trained model from the user's file; ``.derivation``).
+OPTIONAL_JSON_KEYS = ("heads", "derivation")
+JSON_KEYS = REQUIRED_JSON_KEYS + OPTIONAL_JSON_KEYS
 #: Columns of the per-layer records as stored (columnar: the keys are not repeated for every layer).
 LAYER_COLUMNS = ("name", "kind", "shape", "size", "changed", "threshold_granularity", "path_labels", "path_size",
-                 "path_changed", "path_threshold", "element_size", "element_changed")
+                 "path_changed", "path_threshold", "element_size", "element_changed", "head_size", "head_changed")
+#: The layer columns of files written before the per-head counts.
+LEGACY_LAYER_COLUMNS = LAYER_COLUMNS[:-2]
 #: Entry table: one row per changed tensor. ``index_offset``/``index_bytes`` address bytes of the decompressed
 #: ``index`` stream, ``value_offset`` elements of the ``xor.<dtype>`` stream.
 ENTRY_COLUMNS = ("name", "shape", "dtype", "encoding", "count", "parameter", "index_offset", "index_bytes",
@@ -187,6 +193,8 @@ def _decode_json(raw: Mapping[str, str], check: _Checker) -> Dict[str, Any]:
     decoded: Dict[str, Any] = dict(raw)
     for key in JSON_KEYS:
         if key not in raw:
+            if key in OPTIONAL_JSON_KEYS:
+                continue
             check.fail(f"key {key!r} is missing")
         try:
             decoded[key] = json.loads(raw[key])
@@ -197,8 +205,16 @@ def _decode_json(raw: Mapping[str, str], check: _Checker) -> Dict[str, Any]:
 
 def _check_layers(meta: Dict[str, Any], check: _Checker) -> List[Dict[str, Any]]:
     elements = len(meta["atomic_numbers"])
+    heads = meta.get("heads")
+    if heads is not None and (not isinstance(heads, list) or not all(isinstance(h, str) for h in heads)):
+        check.fail("heads must be a list of head names")
+    derivation = meta.get("derivation")
+    if derivation is not None and not isinstance(derivation, dict):
+        check.fail("derivation must be a JSON object")
+    table = meta["layers"]
+    legacy = isinstance(table, dict) and table.get("columns") == list(LEGACY_LAYER_COLUMNS)
     layers = []
-    for i, row in enumerate(check.table(meta["layers"], LAYER_COLUMNS, "layers")):
+    for i, row in enumerate(check.table(table, LEGACY_LAYER_COLUMNS if legacy else LAYER_COLUMNS, "layers")):
         at = f"layers row {i}"
         if not isinstance(row["name"], str) or not isinstance(row["kind"], str):
             check.fail(f"{at}: name and kind must be strings")
@@ -225,6 +241,14 @@ def _check_layers(meta: Dict[str, Any], check: _Checker) -> List[Dict[str, Any]]
             e_changed = check.ints(row["element_changed"], f"{at} element_changed", elements)
             if any(c > s for c, s in zip(e_changed, e_size)) or sum(e_size) > size:
                 check.fail(f"{at}: per-element counts exceed the layer's")
+        if (row.get("head_size") is None) != (row.get("head_changed") is None):
+            check.fail(f"{at}: head_size and head_changed come together")
+        if row.get("head_size") is not None:
+            n_heads = len(heads or [])
+            h_size = check.ints(row["head_size"], f"{at} head_size", n_heads)
+            h_changed = check.ints(row["head_changed"], f"{at} head_changed", n_heads)
+            if any(c > s for c, s in zip(h_changed, h_size)) or sum(h_size) > size:
+                check.fail(f"{at}: per-head counts exceed the layer's")
         layers.append({c: v for c, v in row.items() if v is not None})
     if sum(r["size"] for r in layers) != meta["adapted_entries"]:
         check.fail("adapted_entries is not the sum of the layer sizes")

@@ -26,13 +26,14 @@ def _blocks_along(shapes: List[tuple], axis: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def element_index(target: TargetWeight, model: torch.nn.Module, num_elements: int) -> Optional[torch.Tensor]:
-    """Element (position in ``model.atomic_numbers``) of every entry of an element-dependent weight, else None.
+def element_index(target: TargetWeight, num_elements: int) -> Optional[torch.Tensor]:
+    """Element (position in the model's ``atomic_numbers``) of every entry of an element-dependent weight, else None.
 
     * symmetric contraction: axis 0 of the weight is the element;
     * skip tensor product whose second input is the one-hot element: axis 1 of each path block
       ``(mul_in1, num_elements, mul_out)``;
-    * node embedding ``o3.Linear``: its input is the one-hot element, so the rows (``mul_in``) are elements.
+    * an ``o3.Linear`` whose input is the one-hot element (node embedding, the non-linear block's
+      ``source_embedding``/``target_embedding``): the rows (``mul_in``) are elements.
     """
     weight = target.owner._parameters[target.name]
     if target.kind == "contraction" and target.element_axis == 0 and weight.shape[0] == num_elements:
@@ -41,12 +42,31 @@ def element_index(target: TargetWeight, model: torch.nn.Module, num_elements: in
         shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.has_weight]
         if all(len(s) == 3 and s[1] == num_elements for s in shapes):
             return _blocks_along(shapes, 1).view(weight.shape)
-    embedding = getattr(getattr(model, "node_embedding", None), "linear", None)
-    if target.kind == "linear" and target.owner is embedding:
+    if target.kind == "linear" and target.element_axis == 0 and target.name == "weight":
         shapes = [tuple(ins.path_shape) for ins in target.owner.instructions]
         if all(len(s) == 2 and s[0] == num_elements for s in shapes):
             return _blocks_along(shapes, 0).view(weight.shape)
     return None
+
+
+def head_index(target: TargetWeight, num_heads: int) -> Optional[torch.Tensor]:
+    """Readout head of every entry of a multihead readout weight, else None.
+
+    MACE's readouts of an ``n``-head model output ``n×0e`` (one column per head), and their hidden layers
+    ``(n·MLP)×0e`` are masked per head in blocks of ``MLP`` channels (``mask_head``): the head of an entry is
+    its output channel's block.
+    """
+    if num_heads < 2 or target.kind != "linear" or not target.qualified_name.startswith("readouts."):
+        return None
+    irreps_out = target.owner.irreps_out
+    if len(irreps_out) != 1 or not irreps_out[0].ir.is_scalar() or irreps_out[0].mul % num_heads:
+        return None
+    block = irreps_out[0].mul // num_heads
+    weight = target.owner._parameters[target.name]
+    if target.name == "bias":
+        return (torch.arange(weight.numel()) // block).view(weight.shape)
+    shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.i_in != -1]
+    return (_blocks_along(shapes, 1) // block).view(weight.shape)
 
 
 def _thresholds_per_path(sparse_model: torch.nn.Module, num_paths: Dict[str, int]) -> Dict[str, List[float]]:
@@ -79,6 +99,7 @@ def layer_records(
     atomic_numbers = getattr(foundation, "atomic_numbers", None)
     num_elements = int(atomic_numbers.numel()) if isinstance(atomic_numbers, torch.Tensor) else 0
     params = dict(foundation.named_parameters())
+    num_heads = len(getattr(foundation, "heads", None) or ["Default"])
     num_paths = {q: len(targets[q].path_labels) for q in adapted if q in targets}
     thresholds = _thresholds_per_path(model, num_paths)
     granularity = {
@@ -107,7 +128,11 @@ def layer_records(
             "path_changed": torch.bincount(path_index[mask], minlength=len(labels)).tolist(),
             "path_threshold": thresholds[qualified],
         }
-        elements = element_index(target, foundation, num_elements) if target is not None and num_elements else None
+        heads = head_index(target, num_heads) if target is not None else None
+        if heads is not None:
+            record["head_size"] = torch.bincount(heads.reshape(-1), minlength=num_heads).tolist()
+            record["head_changed"] = torch.bincount(heads[mask], minlength=num_heads).tolist()
+        elements = element_index(target, num_elements) if target is not None and num_elements else None
         if elements is not None:
             record["element_size"] = torch.bincount(elements.reshape(-1), minlength=num_elements).tolist()
             record["element_changed"] = torch.bincount(elements[mask], minlength=num_elements).tolist()

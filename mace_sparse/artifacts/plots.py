@@ -14,7 +14,8 @@ import numpy as np
 
 from .atomic import PathLike, atomic_write_with
 
-KIND_COLOURS = {"linear": "tab:blue", "skip_tp": "tab:orange", "contraction": "tab:green", "radial": "tab:red"}
+KIND_COLOURS = {"linear": "tab:blue", "skip_tp": "tab:orange", "contraction": "tab:green", "radial": "tab:red",
+                "norm": "tab:purple", "scalar": "tab:brown", "embedding": "tab:pink"}
 
 
 def _pyplot():

@@ -41,7 +41,10 @@ def report_data(delta: Any) -> Dict[str, Any]:
     adapted, adapted_changed = int(meta["adapted_entries"]), int(meta["changed_adapted_entries"])
     numbers = [int(z) for z in meta.get("atomic_numbers", [])]
     symbols = element_symbols(numbers)
-    layers, paths, per_element = [], [], []
+    head_names = [str(h) for h in meta.get("heads", [])]
+    layers, paths, per_element, per_head = [], [], [], []
+    head_size = [0] * len(head_names)
+    head_changed = [0] * len(head_names)
     element_size = [0] * len(numbers)
     element_changed = [0] * len(numbers)
     for record in meta.get("layers", []):
@@ -69,6 +72,13 @@ def report_data(delta: Any) -> Dict[str, Any]:
                     "threshold": record["path_threshold"][i],
                 }
             )
+        if "head_size" in record and len(record["head_size"]) == len(head_names):
+            for i, name in enumerate(head_names):
+                size, count = record["head_size"][i], record["head_changed"][i]
+                head_size[i] += size
+                head_changed[i] += count
+                per_head.append({"layer": record["name"], "head": name, "size": size, "changed": count,
+                                 "percent_changed": _percent(count, size)})
         if "element_size" in record:
             for i, symbol in enumerate(symbols):
                 size, count = record["element_size"][i], record["element_changed"][i]
@@ -103,6 +113,12 @@ def report_data(delta: Any) -> Dict[str, Any]:
         "layers": layers,
         "paths": paths,
         "elements_per_layer": per_element,
+        "heads_per_layer": per_head,
+        "heads": [
+            {"head": name, "size": head_size[i], "changed": head_changed[i],
+             "percent_changed": _percent(head_changed[i], head_size[i])}
+            for i, name in enumerate(head_names)
+        ] if per_head else [],
         "elements": [
             {
                 "element": symbol,
@@ -197,6 +213,11 @@ def format_report(data: Dict[str, Any]) -> str:
         rows += [["all element-dependent", e["element"], e["size"], e["changed"], e["percent_changed"]]
                  for e in data["elements"]]
         out.append(_table(["layer", "element", "size", "changed", "%"], rows, "llrrr"))
+    if data.get("heads_per_layer"):
+        out += ["", "Changed entries per readout head (multihead readouts)"]
+        rows = [[h["layer"], h["head"], h["size"], h["changed"], h["percent_changed"]] for h in data["heads_per_layer"]]
+        rows += [["all readouts", h["head"], h["size"], h["changed"], h["percent_changed"]] for h in data["heads"]]
+        out.append(_table(["layer", "head", "size", "changed", "%"], rows, "llrrr"))
     return "\n".join(out)
 
 

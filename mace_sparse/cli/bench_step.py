@@ -61,7 +61,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     run.add_argument("--profile", action="store_true", help="also break sparse_str's extra step time down")
     run.add_argument("--seed", type=int, default=0, help="seed of the structures and the model")
     sparse = p.add_argument_group("sparse_str")
-    sparse.add_argument("--targets", default="all", help="weight kinds to adapt (linear,skip_tp,contraction,radial)")
+    sparse.add_argument("--targets", default="all", help="weight kinds to adapt (comma list of "
+                        "linear,skip_tp,contraction,radial,norm,scalar,embedding, or all)")
     sparse.add_argument("--granularity", choices=list(GRANULARITIES), default="path")
     lora = p.add_argument_group("lora")
     lora.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (mace_run_train --lora_rank)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from ..config import DEFAULT_TARGETS, GRANULARITIES, THRESHOLD_SCALES, SparseConfig, SparseConfigError
+from ..config import DEFAULT_TARGETS, GRANULARITIES, TARGET_KINDS, THRESHOLD_SCALES, SparseConfig, SparseConfigError
 from ..magnetism.config import MAGMOM_LOSSES, MagneticConfig
 
 FINETUNE_METHODS = ("full", "sparse_str")
@@ -52,8 +52,8 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     group.add_argument(
         *_both("sparse_targets"), dest="sparse_targets", type=str, nargs="+", default=",".join(DEFAULT_TARGETS),
-        help="weight kinds to adapt, comma- or space-separated (a YAML list works too): linear, skip_tp, "
-        "contraction, radial, or 'all'",
+        help="weight kinds to adapt, comma- or space-separated (a YAML list works too): " + ", ".join(TARGET_KINDS)
+        + ", or 'all' (every parameter MACE would train; the run logs the share adapted per kind)",
     )
     group.add_argument(
         *_both("sparse_init_threshold"), dest="sparse_init_threshold", type=float,

@@ -70,14 +70,17 @@ def check_output_dirs(args: Any) -> None:
             raise SparseConfigError(f"{shown} is not writable: {reason}; choose a writable directory with --{flag}")
 
 
-def check_foundation_model(foundation: str) -> Optional[List[int]]:
+def check_foundation_model(foundation: str, head: Optional[str] = None) -> Optional[List[int]]:
     """The atomic numbers of the foundation file (see :func:`load_foundation_for_checks`)."""
-    model = load_foundation_for_checks(foundation)
+    model = load_foundation_for_checks(foundation, head)
     return None if model is None else sorted(int(z) for z in model.atomic_numbers.tolist())
 
 
-def load_foundation_for_checks(foundation: str) -> Any:
+def load_foundation_for_checks(foundation: str, head: Optional[str] = None) -> Any:
     """Load a foundation *file* as MACE will, refusing anything that is not a MACE model.
+
+    A ``--foundation_head`` the file does not have is refused too (MACE 0.3.16 raises ``ValueError: Head ...
+    not found in model`` with a traceback after the log directory was made, or ignores it on a one-head file).
 
     Returns ``None`` for a named model (``small``, ``medium_off``, ...), which MACE downloads itself. Costs one
     extra ``torch.load`` of the foundation (about a second for MACE-MP medium), once per run.
@@ -96,9 +99,16 @@ def load_foundation_for_checks(foundation: str) -> Any:
             f"--foundation_model {foundation!r} is a directory; give the path of a MACE .model file"
         )
     try:
-        return load_model(path)
+        model = load_model(path)
     except ValueError as exc:
         raise SparseConfigError(f"--foundation_model: {exc}") from None
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    if head is not None and head not in heads:
+        raise SparseConfigError(
+            f"--foundation_head {head!r} is not a head of {foundation} (it has {', '.join(heads)}); "
+            "give one of those"
+        )
+    return model
 
 
 def _looks_like_path(value: str) -> bool:
@@ -171,9 +181,11 @@ def data_files(args: Any) -> List[DataFile]:
     if isinstance(heads, dict):
         sources = [h for h in heads.values() if isinstance(h, dict)]
     files: List[DataFile] = []
-    for source in sources:
+    for number, source in enumerate(sources):
         keys = {k: source.get(k) or v for k, v in defaults.items()}
-        for flag in ("train_file", "valid_file", "test_file"):
+        # the replay data of multihead fine-tuning enters the same element table (and the same crash)
+        replay = ("pt_train_file", "pt_valid_file") if number == 0 and not isinstance(heads, dict) else ()
+        for flag in ("train_file", "valid_file", "test_file", *replay):
             for path in _as_paths(source.get(flag)):
                 if _ase_readable(path):
                     files.append(DataFile(flag, path, **keys))
@@ -305,7 +317,7 @@ def check_inputs(args: Any) -> None:
     """All checks of this module, cheapest first; raises :class:`SparseConfigError` with one line."""
     started = time.perf_counter()
     check_output_dirs(args)
-    foundation = load_foundation_for_checks(str(args.foundation_model))
+    foundation = load_foundation_for_checks(str(args.foundation_model), getattr(args, "foundation_head", None))
     files = data_files(args)
     scan = scan_data(files)
     check_label_keys(args, scan)

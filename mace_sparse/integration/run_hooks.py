@@ -66,12 +66,24 @@ class FineTuneHooks:
             logging.info(f"Magnetic config: {json.dumps(self.magnetic.to_dict())}")
             logging.info(f"Moment head: {sum(p.numel() for p in head.parameters())} trainable parameters")
         if self.sparse is not None:
+            from ..coverage import coverage_of
             from ..sparse_model import get_sparse_model, trainable_parameters_line
 
             exclude = (HEAD_NAME,) if self.magnetic is not None else ()
+            coverage = coverage_of(model, self.sparse.targets, exclude)
+            derivation = _record_derivation(self.args, model)
             get_sparse_model(model, self.sparse, exclude_prefixes=exclude)
+            if derivation is not None:
+                from ..sparse_model import DERIVATION_ATTR
+
+                model.__dict__[DERIVATION_ATTR] = derivation
+                logging.info(f"Derivation recorded for the delta file: {derivation['steps']}")
             logging.info("===========SPARSE FINE-TUNING (sparse_str)===========")
             logging.info(f"Sparse config: {json.dumps(self.sparse.to_dict())}")
+            logging.info(coverage.share_line())
+            frozen = coverage.frozen_line()
+            if frozen is not None:
+                logging.warning(frozen)
             logging.info(trainable_parameters_line(model))
         self.model = model
         return model
@@ -189,6 +201,17 @@ class FineTuneHooks:
             eval_metrics["mean_threshold"] = stats.mean_threshold
             suffix += f", sparsity={100 * stats.layer_sparsity:.2f} %, mean_delta={stats.mean_threshold:.3e}"
         return suffix
+
+
+def _record_derivation(args: Any, model: torch.nn.Module) -> Optional[Dict[str, Any]]:
+    """How MACE derived ``model`` from the foundation file; a failure only costs ``apply`` on that file."""
+    from ..artifacts.derivation import record_derivation
+
+    try:
+        return record_derivation(args, model)
+    except Exception as exc:  # noqa: BLE001  (the run must go on; apply then needs the derived model itself)
+        logging.warning(f"mace-sparse: could not record how MACE derived the model ({type(exc).__name__}: {exc})")
+        return None
 
 
 def _save_magnetic_model(model: torch.nn.Module, model_dir: str, stem: str) -> None:
