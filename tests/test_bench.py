@@ -129,7 +129,7 @@ def test_sparse_flags_accepted_with_the_plugin():
     parser = add_sparse_arguments(build_default_arg_parser())  # adds the magnetic flags too
     settings = bench_methods.TrainSettings(epochs=1)
     methods = bench_methods.all_methods()
-    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 12
+    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 14
     for name in ("full", "sparse_str-L-linear", "sparse_str-M-all", "sparse_str-H-all", "paper-recipe",
                  "sparse_str-B5-all"):
         args = parser.parse_args(bench_methods.train_command(_case(), methods[name], 0, settings, "train.xyz"))

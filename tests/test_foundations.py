@@ -81,3 +81,12 @@ def test_mace_run_train_resolves_bundled_names(tmp_path):
     assert args.foundation_model == "small"
     with pytest.raises(SystemExit, match="--foundation_model: unknown bundled foundation 'metals'; valid names: organic, inorganic"):
         resolve_bundled_foundation(SimpleNamespace(foundation_model="mace_sparse:metals"))
+
+
+@pytest.mark.parametrize("name", foundations.BENCHMARK_SCALE)
+def test_benchmark_scale_names_resolve_or_say_how_to_build_them(name):
+    if (foundations._HERE / f"{name}.model").is_file():
+        assert foundations.resolve(f"mace_sparse:{name}").endswith(f"{name}.model")
+    else:
+        with pytest.raises(FileNotFoundError, match=f"python -m harness.pretrain {name}"):
+            foundations.resolve(f"mace_sparse:{name}")

@@ -156,7 +156,7 @@ MALFORMED = {
     "changed_entries-string": (_set("changed_entries", '"12"'), "'changed_entries' must be an integer"),
     "no-fingerprint": (_drop("foundation_fingerprint"), "'foundation_fingerprint' must be a sha256 hex digest"),
     "layer-size": (_bad_layers, "layers row 0: size"),
-    "layer-row-length": (_short_layer_row, "every row of the layers table must have 12 fields"),
+    "layer-row-length": (_short_layer_row, "every row of the layers table must have 14 fields"),
     "entries-not-a-table": (_set("entries", "[1, 2]"), "the entries table must have columns"),
 }
 
@@ -194,7 +194,7 @@ def bomb(genuine, path, codec, count, consistent, fill=0):
         metadata.update({
             "layers": json.dumps({"columns": json.loads(metadata["layers"])["columns"],
                                   "rows": [[name, "linear", [count], count, count, "layer", ["all"], [count], [count],
-                                            [0.001], None, None]]}),
+                                            [0.001], None, None, None, None]]}),
             "adapted_entries": str(count), "changed_adapted_entries": str(count),
         })
     metadata.update({

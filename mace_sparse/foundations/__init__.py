@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NAMES = ("organic", "inorganic", "organic-s", "inorganic-s")
-#: Benchmark-scale foundations (MACE-OFF23-small / MACE-MP-0-small shapes), pretrained by the repository's harness.
+NAMES = ("organic", "inorganic")
+#: Benchmark-scale foundations (MACE-OFF23-small / MACE-MP-0-small shapes), pretrained by the repository's harness
+#: (``python -m harness.pretrain NAME``); their files land here once pretraining has converged.
 BENCHMARK_SCALE = ("organic-s", "inorganic-s")
 PREFIX = "mace_sparse:"
 _HERE = Path(__file__).resolve().parent
@@ -20,8 +21,8 @@ _HERE = Path(__file__).resolve().parent
 
 def path(name: str) -> Path:
     """The bundled ``.model`` file of foundation ``name`` (one of :data:`NAMES`)."""
-    if name not in NAMES:
-        raise ValueError(f"unknown bundled foundation {name!r}; valid names: {', '.join(NAMES)}")
+    if name not in NAMES + BENCHMARK_SCALE:
+        raise ValueError(f"unknown bundled foundation {name!r}; valid names: {', '.join(NAMES + BENCHMARK_SCALE)}")
     file = _HERE / f"{name}.model"
     if not file.is_file():
         rebuild = (f"python -m harness.pretrain {name}' from a checkout of the repository"
