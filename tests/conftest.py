@@ -144,3 +144,25 @@ def oxide_foundation(tmp_path_factory, oxide_frames):
         cwd=work, env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"},
     )
     return work / "foundation.model"
+
+
+#: How every one-line refusal of ``mace_run_train`` starts.
+PREFIX = "mace_run_train: error: "
+
+
+def written_files(work: Path):
+    return sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+
+
+def refused_in_process(run_train_module, monkeypatch, work: Path, args, keep=()) -> str:
+    """Run ``mace_run_train ARGS`` in-process in ``work``; return its one error line, and check that nothing but
+    ``keep`` was written there."""
+    work.mkdir(exist_ok=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["mace_run_train", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        run_train_module.main()
+    line = info.value.code
+    assert isinstance(line, str) and line.startswith(PREFIX) and "\n" not in line, line
+    assert written_files(work) == sorted(keep), written_files(work)
+    return line

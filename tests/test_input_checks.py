@@ -17,21 +17,15 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from pathlib import Path
 
 import mace  # noqa: F401  (before e3nn)
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_mace_train
+from conftest import PREFIX, refused_in_process, run_mace_train, written_files
 
-PREFIX = "mace_run_train: error: "
 FIX_MODEL = "give a .model file saved by mace_run_train"
-
-
-def written_files(work: Path):
-    return sorted(str(p.relative_to(work)) for p in work.rglob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +95,6 @@ def base_args(foundation, train_file):
     return ["--name", "ft", "--train_file", str(train_file), "--valid_fraction", "0.2", "--max_num_epochs", "1",
             "--seed", "1", "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--device", "cpu",
             "--E0s", "foundation", "--finetune-method", "sparse_str", "--foundation_model", str(foundation)]
-
-
-def refused_in_process(run_train_module, monkeypatch, work: Path, args) -> str:
-    """Run ``mace_run_train ARGS`` in ``work``; return the error line (and check nothing was written)."""
-    work.mkdir(exist_ok=True)
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(sys, "argv", ["mace_run_train", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        run_train_module.main()
-    line = info.value.code
-    assert isinstance(line, str) and line.startswith(PREFIX) and "\n" not in line, line
-    assert written_files(work) == [], written_files(work)
-    return line
 
 
 # ------------------------------------------------------------------------------------- item 5: foundation

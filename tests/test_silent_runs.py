@@ -14,13 +14,9 @@ from pathlib import Path
 import mace  # noqa: F401  (before e3nn)
 import pytest
 
-from conftest import COMMON_ARGS, run_mace_train
+from conftest import COMMON_ARGS, PREFIX, refused_in_process, run_mace_train, written_files
+from mace_sparse.config import SparseConfig
 
-PREFIX = "mace_run_train: error: "
-
-
-def written_files(work: Path):
-    return sorted(str(p.relative_to(work)) for p in work.rglob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +35,7 @@ def base_args(foundation, train_file, method=("--finetune-method", "sparse_str")
             "--E0s", "foundation", *method, "--foundation_model", str(foundation)]
 
 
-def refused(run_train_module, monkeypatch, work: Path, args, keep=()) -> str:
-    """Run ``mace_run_train ARGS`` in ``work``; return the error line; nothing but ``keep`` may be in ``work``."""
-    work.mkdir(exist_ok=True)
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(sys, "argv", ["mace_run_train", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        run_train_module.main()
-    line = info.value.code
-    assert isinstance(line, str) and line.startswith(PREFIX) and "\n" not in line, line
-    assert written_files(work) == sorted(keep), written_files(work)
-    return line
+refused = refused_in_process
 
 
 def parsed(args, monkeypatch, work: Path):
@@ -250,8 +236,9 @@ def test_restart_with_other_settings_is_refused_before_any_checkpoint_is_touched
         return line
 
     line = refused_restart(["--sparse_targets", "linear"])
-    assert "were made with --sparse_targets linear,skip_tp,contraction,radial, this run has --sparse_targets " \
-           "linear; restart with --sparse_targets linear,skip_tp,contraction,radial" in line, line
+    every = ",".join(SparseConfig().targets)  # the default: every kind
+    assert f"were made with --sparse_targets {every}, this run has --sparse_targets " \
+           f"linear; restart with --sparse_targets {every}" in line, line
     line = refused_restart([], drop=("--finetune-method", "sparse_str"))
     assert "are from a --finetune-method sparse_str run, this run is --finetune-method full" in line, line
     (checkpoints / "ft_run-1_mace_sparse.json").unlink()  # checkpoints of a release without the settings file

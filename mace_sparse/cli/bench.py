@@ -12,7 +12,6 @@ This module only parses arguments and chooses the mode's defaults; the work is i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
