@@ -90,10 +90,12 @@ def command(name: str, max_epochs: int) -> List[str]:
 def curve(work: Path) -> List[Tuple[int, float]]:
     """(epoch, validation force MAE in meV/Å) over every chunk; a re-run epoch keeps its latest value."""
     points: Dict[int, float] = {}
-    log = work / "command.log"
-    if log.is_file():
-        for match in EPOCH_LINE.finditer(log.read_text()):
-            points[int(match.group(1))] = float(match.group(2))
+    # MACE's own log (appended by every chunk, flushed per line); the console log is block-buffered
+    logs = [p for p in sorted((work / "logs").glob("*_run-*.log")) if not p.name.endswith("_debug.log")]
+    for log in logs or [work / "command.log"]:
+        if log.is_file():
+            for match in EPOCH_LINE.finditer(log.read_text(errors="replace")):
+                points[int(match.group(1))] = float(match.group(2))
     return sorted(points.items())
 
 
@@ -122,7 +124,7 @@ def run_chunks(name: str, chunk: int, max_epochs: int, hours: Optional[float], t
         sys.exit(f"error: {spec['data'] / 'train.xyz'} is missing; make it first with '{spec['generator']}'")
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     started = time.time()
     while True:
         state = convergence(curve(work))
