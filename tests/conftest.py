@@ -166,3 +166,15 @@ def refused_in_process(run_train_module, monkeypatch, work: Path, args, keep=())
     assert isinstance(line, str) and line.startswith(PREFIX) and "\n" not in line, line
     assert written_files(work) == sorted(keep), written_files(work)
     return line
+
+
+#: Test modules in which every test starts ``mace_run_train``, ``torchrun`` or a notebook; they are marked
+#: ``slow`` here (other modules mark their slow tests one by one), so ``pytest -m "not slow"`` is the fast tier.
+SLOW_MODULES = {"test_mace_run_train", "test_distributed", "test_tutorials", "test_upstream_patch",
+                "test_quickstart", "test_restart", "test_nonlinear_run", "test_multihead_apply"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

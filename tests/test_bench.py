@@ -175,6 +175,7 @@ def test_bad_sparse_flags_are_refused_before_any_run(text, match):
         bench_methods.parse_sparse_flags(text)
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tmp_path, tiny_foundation, emt_data):
     """Zero-shot and one sparse_str method, one epoch, through the real mace_run_train (one subprocess: the
     sparse run's delta gives the step-0 reference, and a full step is timed in-process for the ratios)."""

@@ -643,6 +643,7 @@ def test_custom_training_loop_through_the_python_api(foundation_model, slab_atom
 # ------------------------------------------------------------------------------------ real mace_run_train
 
 
+@pytest.mark.slow
 def test_mace_run_train_writes_delta_and_sparsity_json(tiny_foundation, slab_atoms, tmp_path):
     import ase.io
 

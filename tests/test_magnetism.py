@@ -225,6 +225,7 @@ def test_predict_command_writes_moments_and_refuses_plain_model(magnetic_run, ox
     assert not bad.exists()
 
 
+@pytest.mark.slow
 def test_full_finetune_with_head(oxide_files, oxide_foundation):
     work = oxide_files["dir"] / "full"
     work.mkdir()
