@@ -136,10 +136,13 @@ def run_chunks(name: str, chunk: int, max_epochs: int, hours: Optional[float], t
             return state
         cmd = command(name, min(done + chunk, max_epochs))
         print(f"$ {' '.join(cmd)}", flush=True)
-        t0 = time.time()
+        base, t0 = _wall(work), time.time()
         with open(work / "command.log", "a") as fh:
-            proc = subprocess.run(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        (work / "wall_s.txt").write_text(f"{_wall(work) + time.time() - t0:.1f}\n")
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            while proc.poll() is None:  # the wall time is kept current, so a killed chunk still counts
+                time.sleep(30)
+                (work / "wall_s.txt").write_text(f"{base + time.time() - t0:.1f}\n")
+        (work / "wall_s.txt").write_text(f"{base + time.time() - t0:.1f}\n")
         if proc.returncode != 0:
             sys.exit(f"error: mace_run_train failed ({proc.returncode}); see {work / 'command.log'}")
         after = convergence(curve(work))
