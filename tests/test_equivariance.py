@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import batch_of, double_batch
+from conftest import double_batch, random_orthogonal
 from mace_sparse import SparseConfig, get_sparse_model, merge_and_unload
 from mace_sparse import reparametrization as rp
 from mace_sparse.sparse_model import sparsity_stats
@@ -80,16 +80,6 @@ def structures(emt_data):
     slabs = ase.io.read(emt_data["slab_test"], ":2")
     bulk = ase.io.read(emt_data["bulk_test"], ":1")
     return slabs + bulk
-
-
-def random_orthogonal(det: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q @ np.diag(np.sign(np.diag(r)))
-    if np.sign(np.linalg.det(q)) != det:
-        q[:, 0] *= -1
-    assert np.allclose(q @ q.T, np.eye(3)) and round(np.linalg.det(q)) == det
-    return q
 
 
 def transformed(atoms_list, fn):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_orthogonal
 from foundation_twins import TWINS, build_twin, twin_batch, twin_structures
 from mace_sparse import SparseConfig, get_sparse_model, merge_and_unload
 from mace_sparse import reparametrization as rp
@@ -113,15 +114,6 @@ def test_merged_model_is_plain_mace_and_equals_the_training_model(case):
     for key in out_sparse:
         assert_rel(out_loaded[key], out_sparse[key], 1e-12)
     assert float((out_loaded["energy"] - out_model["energy"]).abs().max()) > 1e-8  # the deltas changed it
-
-
-def random_orthogonal(det: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q @ np.diag(np.sign(np.diag(r)))
-    if np.sign(np.linalg.det(q)) != det:
-        q[:, 0] *= -1
-    return q
 
 
 @pytest.mark.parametrize("which", ["sparse", "merged"])
