@@ -210,7 +210,7 @@ benchmarks (issue: a regime like the users'), not for production. Use it as `--f
 | labels | {spec['labeler']} |
 | source data | `{(spec['data'] / 'train.xyz').relative_to(ROOT)}` ({n_train} configs, 10 % held out by MACE for validation), made by `{spec['generator']}` |
 | source test split | `{(spec['data'] / 'test.xyz').relative_to(ROOT)}` ({len(test_frames)} configs, never trained on) |
-| parameters | {n_params} |
+| parameters | {n_params if n_params else "– (counted from the first model a finished chunk saves)"} |
 | epochs run | {state['epochs']} (best validation force MAE {state.get('best_mae_f', float('nan')):.1f} meV/Å) |
 | convergence test | best validation force MAE gained {gain} over the last {int(TAIL * 100)} % of epochs (converged: < {int(CONVERGED_GAIN * 100)} %, ≥ {MIN_EPOCHS} epochs) |
 | pretraining wall time | {_wall(work) / 3600:.2f} h of `mace_run_train` on 1 CPU thread of a shared 2-core machine |
