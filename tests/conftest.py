@@ -39,7 +39,7 @@ def run_mace_train(args, cwd, env_extra=None, check=True, script="mace_run_train
 
 @pytest.fixture(scope="session")
 def emt_data(tmp_path_factory) -> dict:
-    from mace_sparse.data.emt_data import write_datasets
+    from harness.data.emt_data import write_datasets
 
     return write_datasets(tmp_path_factory.mktemp("emt"), n_bulk=40, n_slab=30)
 

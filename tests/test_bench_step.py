@@ -15,8 +15,9 @@ import pytest
 import mace  # noqa: F401  (before e3nn)
 import torch
 
-from mace_sparse.benchmarks import step_cost
-from mace_sparse.benchmarks.step_cost import BenchConfig, run_benchmark
+from harness.stepcost import fixture, memory, schema
+from harness.stepcost.run import run_benchmark
+from harness.stepcost.schema import BenchConfig
 
 
 def _positive_finite(x) -> bool:
@@ -57,7 +58,7 @@ def test_markdown_and_json(tiny_result, tmp_path):
     for needle in ("| full |", "| sparse_str |", "| lora |", "step_time_ratio", "peak_memory_ratio"):
         assert needle in text
     assert ("PASS" in text) or ("MISS" in text)
-    path = step_cost.write_json(tiny_result, tmp_path / "bench.json")
+    path = schema.write_json(tiny_result, tmp_path / "bench.json")
     data = json.loads(path.read_text())
     assert data["step_time_limit"] == 1.10 and data["peak_memory_limit"] == 1.20
     assert set(data["methods"]) == {"full", "sparse_str", "lora"}
@@ -82,16 +83,16 @@ def test_peak_live_bytes_counts_known_allocations():
     keep = []
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         keep.append(torch.empty(mib, dtype=torch.uint8))
-        with torch.profiler.record_function(step_cost._MEASURED_STEP):
+        with torch.profiler.record_function(memory.MEASURED_STEP):
             scratch = torch.empty(2 * mib, dtype=torch.uint8)
             del scratch
             keep.append(torch.empty(mib // 2, dtype=torch.uint8))
-    peak = step_cost.peak_live_bytes_from_profile(prof)
+    peak = memory.peak_live_bytes_from_profile(prof)
     assert 3 * mib <= peak < 3 * mib + 64 * 1024
 
 
 def test_emt_structures_have_the_requested_size():
-    atoms = step_cost.emt_structures(2, 6, seed=3)
+    atoms = fixture.emt_structures(2, 6, seed=3)
     assert [len(a) for a in atoms] == [6, 6]
     assert all("REF_energy" in a.info and a.arrays["REF_forces"].shape == (6, 3) for a in atoms)
 

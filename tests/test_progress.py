@@ -30,7 +30,7 @@ def test_progress_lines_use_mace_format_and_setup_is_idempotent(capsys):
 
 
 def test_bench_step_logs_one_line_per_round(caplog):
-    from mace_sparse.benchmarks.step_cost import time_interleaved
+    from harness.stepcost.timing import time_interleaved
 
     states = [types.SimpleNamespace(name="full"), types.SimpleNamespace(name="sparse_str")]
     lines = []

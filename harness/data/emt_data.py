@@ -4,19 +4,22 @@ ASE's EMT is a real (if simple) many-body potential that needs no download, so i
 tiny foundations in tests and for the quick-start run. Bulk cells are the foundation's domain; slabs with
 vacuum are a domain shift the bulk-trained foundation has not seen. Everything is seeded.
 
-Run ``python -m mace_sparse.data.emt_data OUT_DIR`` to write the extxyz files.
+Run ``python -m harness.data.emt_data OUT_DIR`` to write the extxyz files. ``mace_sparse bench-step``
+(:mod:`harness.stepcost.fixture`) labels its batch with :func:`bulk_configs` at the size it is asked for.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 
 ELEMENTS = ("Cu", "Ni", "Al")
 LATTICE = {"Cu": 3.61, "Ni": 3.52, "Al": 4.05}
+#: The largest cell :func:`bulk_configs` builds: 8x8x8 cubic fcc cells.
+MAX_CELL_ATOMS = 4 * 8**3
 
 
 def _label(atoms):
@@ -44,14 +47,38 @@ def _random_alloy(base: str, rng: np.random.Generator, repeat=(2, 2, 1), element
     return atoms
 
 
-def bulk_configs(n: int, seed: int = 0, elements=ELEMENTS) -> List:
-    """Rattled, strained fcc alloy cells (the source domain)."""
+def _repeat_for(atoms: int) -> Tuple[int, int, int]:
+    """The most compact repeat (a, b, c) of the 4-atom cubic fcc cell holding at least ``atoms`` atoms."""
+    best = None
+    for a in range(1, 9):
+        for b in range(1, a + 1):
+            for c in range(1, b + 1):
+                n = 4 * a * b * c
+                if n >= atoms:
+                    key = (n, a - c)
+                    if best is None or key < best[0]:
+                        best = (key, (a, b, c))
+    if best is None:
+        raise ValueError(f"{atoms} atoms do not fit in one cell (at most {MAX_CELL_ATOMS})")
+    return best[1]
+
+
+def bulk_configs(n: int, seed: int = 0, elements=ELEMENTS, atoms: int = 16) -> List:
+    """Rattled, strained fcc alloy cells of ``atoms`` atoms each (the source domain).
+
+    The cubic 4-atom fcc cell is repeated to the most compact supercell holding ``atoms`` atoms (the default
+    16 is the 2x2x1 cell of the data sets) and any surplus atoms are removed as random vacancies.
+    """
     rng = np.random.default_rng(seed)
+    repeat = _repeat_for(atoms)
     out = []
     for _ in range(n):
-        atoms = _random_alloy(str(rng.choice(elements)), rng, (2, 2, 1), elements)
-        atoms.rattle(stdev=0.08, seed=int(rng.integers(1 << 30)))
-        out.append(_label(atoms))
+        cell = _random_alloy(str(rng.choice(elements)), rng, repeat, elements)
+        surplus = len(cell) - atoms
+        if surplus:
+            del cell[sorted(rng.choice(len(cell), size=surplus, replace=False).tolist())]
+        cell.rattle(stdev=0.08, seed=int(rng.integers(1 << 30)))
+        out.append(_label(cell))
     return out
 
 

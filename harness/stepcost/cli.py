@@ -4,16 +4,33 @@ Prints a markdown table (median step time, peak memory, both as ratios to full f
 sparse_str and MACE's LoRA, measured interleaved in one run) and the two headline ratios with PASS/MISS
 against 1.10x (time) and 1.20x (peak memory). ``--json PATH`` writes the same numbers.
 
-This module only parses arguments: torch and MACE are imported when the command runs, so that listing the
-``mace_sparse`` subcommands stays fast.
+The flags are generated from :class:`~harness.stepcost.schema.BenchConfig`'s fields (name, default, help,
+group, choices), so each setting is declared once. This module imports the benchmark itself only when the
+command runs (function-level import in :func:`run`), so that listing the ``mace_sparse`` subcommands stays
+fast; ``mace_sparse/cli/bench_step.py`` is the wheel's entry to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import logging
 import sys
-from typing import Any, List
+from typing import Any, Dict, List
+
+from mace_sparse.cli.progress import setup_progress_logging
+
+from .schema import BenchConfig, write_json
+
+#: argparse group titles of the settings' ``metadata["group"]``, in the order ``--help`` lists them.
+GROUPS = {
+    "model": "model (built unless --model is given)",
+    "batch": "batch (EMT-labelled Cu/Ni/Al fcc cells)",
+    "measurement": "measurement",
+    "sparse_str": "sparse_str",
+    "lora": "lora",
+}
 
 
 def _int_list(text: str) -> List[int]:
@@ -25,98 +42,67 @@ def _int_list(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected a list of integers like [64,64,64], got {text!r}") from None
 
 
-def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
-    from mace_sparse.config import GRANULARITIES  # light: no torch
+def _flag_options(field: dataclasses.Field) -> Dict[str, Any]:
+    """argparse options of one setting, from its default: a switch for a bool, a list for a tuple
+    (integers as ``[64,64,64]``, names as a comma list), the default's type otherwise (``str`` for ``None``)."""
+    default, meta = field.default, field.metadata
+    options: Dict[str, Any] = {"dest": field.name, "help": meta["help"]}
+    if isinstance(default, bool):
+        options["action"] = "store_false" if default else "store_true"
+    elif isinstance(default, tuple) and all(isinstance(v, int) for v in default):
+        options.update(type=_int_list, default=list(default))
+    elif isinstance(default, tuple):
+        options["default"] = ",".join(default)
+    else:
+        options.update(type=type(default) if default is not None else str, default=default)
+    if "choices" in meta:
+        options["choices"] = list(meta["choices"])
+    return options
 
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
         help="benchmark one training step: sparse_str vs full fine-tuning (and LoRA), time and peak memory",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = p.add_argument_group("model (built unless --model is given)")
-    model.add_argument("--model", dest="model_path", default=None, help="a saved MACE model to benchmark instead")
-    model.add_argument("--channels", type=int, default=64, help="channels per irrep")
-    model.add_argument("--max-L", dest="max_L", type=int, default=1, help="max ℓ of the hidden features")
-    model.add_argument("--correlation", type=int, default=3, help="body order of the product basis")
-    model.add_argument("--interactions", dest="num_interactions", type=int, default=2, help="interaction layers")
-    model.add_argument(
-        "--radial-mlp", dest="radial_mlp", type=_int_list, default=[64, 64, 64], help="hidden widths of the radial MLP"
-    )
-    model.add_argument("--r-max", dest="r_max", type=float, default=5.0, help="cutoff radius (Å)")
-    model.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="default dtype")
-    data = p.add_argument_group("batch (EMT-labelled Cu/Ni/Al fcc cells)")
-    data.add_argument("--batch-size", type=int, default=2, help="configurations per batch")
-    data.add_argument("--atoms", type=int, default=4, help="atoms per configuration")
-    run = p.add_argument_group("measurement")
-    run.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every method)")
-    run.add_argument("--steps", type=int, default=1, help="timed steps per method per round")
-    run.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
-    run.add_argument("--device", default="cpu", help="cpu or cuda")
-    run.add_argument("--threads", type=int, default=1, help="torch threads; 0 = every CPU this process may use")
-    run.add_argument(
-        "--methods", default="full,sparse_str,lora", help="comma list of full, sparse_str, lora (full is always run)"
-    )
-    run.add_argument("--no-memory", dest="measure_memory", action="store_false", help="skip the peak-memory part")
-    run.add_argument("--profile", action="store_true", help="also break sparse_str's extra step time down")
-    run.add_argument("--seed", type=int, default=0, help="seed of the structures and the model")
-    sparse = p.add_argument_group("sparse_str")
-    sparse.add_argument("--targets", default="all", help="weight kinds to adapt (comma list of "
-                        "linear,skip_tp,contraction,radial,norm,scalar,embedding, or all)")
-    sparse.add_argument("--granularity", choices=list(GRANULARITIES), default="path")
-    lora = p.add_argument_group("lora")
-    lora.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (mace_run_train --lora_rank)")
-    lora.add_argument("--lora-alpha", type=float, default=1.0, help="LoRA alpha (mace_run_train --lora_alpha)")
+    for key, title in GROUPS.items():
+        group = p.add_argument_group(title)
+        for field in dataclasses.fields(BenchConfig):
+            flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+            if field.metadata["group"] == key and flag is not None:
+                group.add_argument(flag, **_flag_options(field))
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from mace_sparse.benchmarks.step_cost import write_json
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`BenchConfig` of parsed flags (settings without a flag keep their default)."""
+    values: Dict[str, Any] = {}
+    for field in dataclasses.fields(BenchConfig):
+        if not hasattr(args, field.name):
+            continue
+        value = getattr(args, field.name)
+        if isinstance(field.default, tuple):
+            value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+        values[field.name] = value
+    return BenchConfig(**values)
 
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     table = sys.stdout
     # MACE prints notices on stdout while it is imported and builds models; keep stdout for the table alone
     with contextlib.redirect_stdout(sys.stderr):
-        result = _benchmark(args)
+        # torch and MACE are imported only when the command runs (see the module docstring)
+        from .run import run_benchmark
+
+        setup_progress_logging()
+        result = run_benchmark(cfg, log=lambda msg: logging.info(f"bench-step: {msg}"))
     table.write(result.markdown() + "\n")
     table.flush()
     if args.json:
         path = write_json(result, args.json)
         print(f"wrote {path}", file=sys.stderr)
     return 0
-
-
-def _benchmark(args: argparse.Namespace) -> Any:
-    from mace_sparse.benchmarks.step_cost import BenchConfig, run_benchmark
-
-    cfg = BenchConfig(
-        model_path=args.model_path,
-        channels=args.channels,
-        max_L=args.max_L,
-        correlation=args.correlation,
-        num_interactions=args.num_interactions,
-        radial_mlp=tuple(args.radial_mlp),
-        r_max=args.r_max,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        atoms=args.atoms,
-        rounds=args.rounds,
-        steps=args.steps,
-        warmup=args.warmup,
-        targets=args.targets,
-        granularity=args.granularity,
-        device=args.device,
-        threads=args.threads,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        measure_memory=args.measure_memory,
-        profile=args.profile,
-        seed=args.seed,
-    )
-    import logging
-
-    from .progress import setup_progress_logging
-
-    setup_progress_logging()
-    return run_benchmark(cfg, log=lambda msg: logging.info(f"bench-step: {msg}"))
