@@ -71,7 +71,7 @@ def test_mace_run_train_resolves_bundled_names(tmp_path):
     """``--foundation_model mace_sparse:<name>`` reaches MACE as the bundled file; a wrong name is one line."""
     from types import SimpleNamespace
 
-    from mace_sparse.integration.mace_patches import resolve_bundled_foundation
+    from mace_sparse.integration.validation import resolve_bundled_foundation
 
     args = SimpleNamespace(foundation_model="mace_sparse:inorganic")
     resolve_bundled_foundation(args)
