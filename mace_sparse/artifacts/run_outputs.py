@@ -13,7 +13,8 @@ from typing import Tuple
 import torch
 
 from .atomic import PathLike
-from .delta_file import build_delta, write_delta
+from .delta_diff import build_delta
+from .delta_format import write_delta
 from .report import report_data, write_sparsity_json
 
 DELTA_SUFFIX = "_sparse_delta.safetensors"
