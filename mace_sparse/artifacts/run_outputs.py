@@ -1,6 +1,6 @@
 """The files a ``mace_run_train --finetune-method sparse_str`` run writes next to ``<name>.model``.
 
-Called from the patched save-time ``deepcopy`` (:mod:`mace_sparse.integration.mace_patches`) with the same
+Called from the patched save-time ``deepcopy`` (:mod:`mace_sparse.integration.seams`) with the same
 API a Python user has (:func:`build_delta`, :func:`write_delta`), so a run's delta and a hand-made one are
 the same thing.
 """
