@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from mace_sparse.benchmarks import bench_methods, bench_table
-from mace_sparse.benchmarks.bench_tasks import BenchCase
+from harness.experiments import methods as bench_methods
+from harness.experiments.tasks import BenchCase
+from harness.pipeline import table as bench_table
 
 
 def _run(method, seed, target, source, changed, **extra):
@@ -209,7 +210,7 @@ def test_bench_end_to_end(tmp_path, tiny_foundation, emt_data):
 
 
 def test_plan_adds_an_lr0_reference_only_without_sparse_runs(tmp_path):
-    from mace_sparse.benchmarks.bench_runner import BenchOptions, _plan
+    from harness.pipeline.runner import BenchOptions, _plan
 
     def plan(names):
         options = BenchOptions(methods=bench_methods.select_methods(names), seeds=[0, 1],
@@ -226,7 +227,7 @@ def test_plan_adds_an_lr0_reference_only_without_sparse_runs(tmp_path):
 
 
 def test_epoch_time_from_mace_log():
-    from mace_sparse.benchmarks.bench_train import median_epoch_seconds
+    from harness.pipeline.train import median_epoch_seconds
 
     log = "\n".join([
         "2026-11-23 07:55:24.709 INFO: Training set 1/1",
@@ -240,12 +241,13 @@ def test_epoch_time_from_mace_log():
 
 
 def test_finished_run_is_reused_and_changed_arguments_rerun(tmp_path, monkeypatch):
-    from mace_sparse.benchmarks import bench_train
+    from harness.pipeline import train as bench_train
+    from mace_sparse import training
 
     script = tmp_path / "fake_train"
     script.write_text("#!/bin/sh\necho run >> calls.txt\ntouch model.model\n")
     script.chmod(0o755)
-    monkeypatch.setattr(bench_train, "mace_run_train_executable", lambda: str(script))
+    monkeypatch.setattr(training, "mace_run_train_executable", lambda: str(script))
     run_dir = tmp_path / "run"
     first = bench_train.run_training(["--seed", "0"], run_dir)
     again = bench_train.run_training(["--seed", "0"], run_dir)
@@ -256,7 +258,7 @@ def test_finished_run_is_reused_and_changed_arguments_rerun(tmp_path, monkeypatc
 
 
 def test_rmd17_cases_follow_the_expected_file_names(tmp_path):
-    from mace_sparse.benchmarks.bench_tasks import build_task, select_cases
+    from harness.experiments.tasks import build_task, select_cases
 
     (tmp_path / "organic.model").write_bytes(b"")
     task = build_task("rmd17", tmp_path / "organic.model", tmp_path, data_dir=tmp_path / "rmd17")

@@ -2,7 +2,7 @@
 ``_magnetic.model`` through the ASE calculator and ``mace_sparse predict``, and bad moment labels.
 
 Moments are CHGNet predictions for distorted rocksalt oxides: the first frames of the bundled set made by
-``python -m mace_sparse.data.magnetic_oxides``.
+``python -m harness.data.magnetic_oxides``.
 """
 
 from __future__ import annotations
