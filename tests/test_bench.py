@@ -274,3 +274,27 @@ def test_rmd17_cases_follow_the_expected_file_names(tmp_path):
     assert inorganic.train_file.parts[-2:] == ("magnetic_oxides", "train.xyz") and inorganic.e0s == "foundation"
     magnetic = build_task("magnetic", tmp_path / "inorganic.model", tmp_path).cases[0]
     assert "--magmom_weight" in magnetic.extra_flags
+
+
+@pytest.mark.slow
+def test_calibrate_runs_every_setting_through_mace_run_train(tmp_path, tiny_foundation):
+    """``mace_sparse calibrate`` is an experiment of the benchmark's runner: every setting is a real
+    ``mace_run_train`` run, scored on held-out slabs and bulk cells, with sparse_str's own unchanged share."""
+    from harness.experiments.calibration import DEFAULT_VARIANTS
+    from mace_sparse.cli import main
+
+    out, report_path = tmp_path / "calib", tmp_path / "calibration.json"
+    code = main(["calibrate", "--foundation_model", str(tiny_foundation), "--seeds", "0", "--epochs", "1",
+                 "--out", str(out), "--json", str(report_path), "--markdown", str(tmp_path / "calibration.md")])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert [row["setting"] for row in report["table"]] == [label for _, label, _ in DEFAULT_VARIANTS]
+    assert math.isfinite(report["zero_shot"]["target"]) and math.isfinite(report["zero_shot"]["source"])
+    runs = {r["label"]: r for r in report["runs"]}
+    assert runs["full fine-tuning"]["unchanged_fraction"] is None
+    assert all(0.0 < r["unchanged_fraction"] < 1.0 for label, r in runs.items() if label != "full fine-tuning")
+    assert report["table"][0]["target_ratio_to_full"] == pytest.approx(1.0)
+    for name, _, _ in DEFAULT_VARIANTS:  # each one a real run folder with its command line
+        log = (out / "runs" / "standin__emt-slabs" / f"{name}_seed0" / "command.log").read_text()
+        assert log.startswith("$ ") and "mace_run_train" in log.splitlines()[0]
+    assert "| setting |" in (tmp_path / "calibration.md").read_text()
