@@ -39,7 +39,7 @@ def run_mace_train(args, cwd, env_extra=None, check=True, script="mace_run_train
 
 @pytest.fixture(scope="session")
 def emt_data(tmp_path_factory) -> dict:
-    from mace_sparse.data.emt_data import write_datasets
+    from harness.data.emt_data import write_datasets
 
     return write_datasets(tmp_path_factory.mktemp("emt"), n_bulk=40, n_slab=30)
 
@@ -117,7 +117,7 @@ def double_batch(atoms_list, model):
     return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
 
 
-#: the bundled CHGNet-labelled magnetic oxide cells (see mace_sparse/data/magnetic_oxides)
+#: the bundled CHGNet-labelled magnetic oxide cells (mace_sparse/data/magnetic_oxides, made by harness.data.magnetic_oxides)
 OXIDE_FILE = Path(__file__).resolve().parent.parent / "mace_sparse" / "data" / "magnetic_oxides" / "train.xyz"
 
 

@@ -10,7 +10,7 @@ import torch
 
 import mace  # noqa: F401  (before e3nn)
 from mace_sparse import foundations
-from mace_sparse.foundations.evaluate import errors
+from harness.pipeline.evaluate import errors
 
 ELEMENTS = {"organic": {1, 6, 7, 8}, "inorganic": {13, 29, 28, 26, 27, 25, 8}}
 DATA = {name: foundations._HERE.parent / "data" / name / "test.xyz" for name in foundations.NAMES}

@@ -1,12 +1,12 @@
-"""Task definitions of ``mace_sparse bench``: which foundation is fine-tuned on which data and tested where.
+"""Tasks of the experiments: which foundation is fine-tuned on which data and tested where.
 
 A task is a list of *cases*; a case is one fine-tuning problem: a foundation, a training file (optionally only
 its first N frames), a held-out test file of the target domain and a test file of the foundation's own
 (source) domain, on which forgetting is measured. Everything is a path, so other data or another foundation
 plug in without code (``mace_sparse bench --task custom --foundation ... --train-file ...``).
 
-The real tasks point at the bundled foundations (:mod:`mace_sparse.foundations`) and the generated data sets
-under ``mace_sparse/data/<set>/``. Until those exist the ``standin`` task gives the harness something real to
+The real tasks point at the bundled foundations (:mod:`mace_sparse.foundations`) and the bundled data sets
+(:mod:`mace_sparse.data`, made by :mod:`harness.data`). Until those exist the ``standin`` task gives the harness something real to
 run: a small foundation pretrained here on the bundled EMT bulk cells, fine-tuned on EMT surface slabs.
 """
 
@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import subprocess
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from mace_sparse import foundations
+from mace_sparse.data import DATA_DIR
+from mace_sparse.training import log_tail, run_mace_train
 
-#: Molecules of the rMD17-like set (``mace_sparse.data.rmd17_like.MOLECULES``) and the train sizes of the issue.
+#: Molecules of the rMD17-like set (``harness.data.rmd17_like.MOLECULES``) and the train sizes of the issue.
 RMD17_MOLECULES: Tuple[str, ...] = ("aspirin", "benzene", "malonaldehyde", "paracetamol")
 RMD17_SIZES: Tuple[int, ...] = (50, 200)
-#: Loss weights the bundled foundations were pretrained with (``mace_sparse.foundations.pretrain``); fine-tuning
+#: Loss weights the bundled foundations were pretrained with (``harness.pretrain``); fine-tuning
 #: keeps them, rather than MACE's default 1:100, so that energies are fitted too.
 FOUNDATION_LOSS_FLAGS: Tuple[str, ...] = ("--energy_weight", "1", "--forces_weight", "10")
 
@@ -38,7 +38,8 @@ class BenchCase:
         foundation: the ``.model`` every method starts from.
         train_file: extxyz training data; ``train_size``: use only its first N frames (``None``: all). The
             rMD17-like files are written in a seeded random order, so the first N frames are a random subset.
-        test_file: held-out target-domain test set; ``source_test_file``: test set of the foundation's domain.
+        test_file: held-out target-domain test set; ``source_test_file``: test set of the foundation's domain
+            (None: no forgetting measured, as in the magnetic-head experiment).
         molecules: the configurations are one molecule each, so energy errors are also given per molecule.
         e0s: MACE's ``--E0s``. ``foundation`` keeps the foundation's atomic energies; ``average`` refits them
             to the training data, needed when the target labels come from another level of theory (another
@@ -56,7 +57,7 @@ class BenchCase:
     foundation: Path
     train_file: Path
     test_file: Path
-    source_test_file: Path
+    source_test_file: Optional[Path] = None
     train_size: Optional[int] = None
     molecules: bool = False
     e0s: str = "foundation"
@@ -89,20 +90,13 @@ class BenchTask:
 
 
 def bundled_foundation(name: str) -> Path:
-    """``mace_sparse.foundations.path(name)``; a clear message while the foundations are not merged yet."""
-    try:
-        from mace_sparse import foundations
-    except ImportError:
-        raise FileNotFoundError(
-            f"the bundled foundation {name!r} is not available (mace_sparse.foundations is missing); "
-            "run --tasks standin, or give --foundation PATH (and --data-dir DIR)"
-        ) from None
+    """``mace_sparse.foundations.path(name)``."""
     return Path(foundations.path(name))
 
 
 #: Validation frames of the rMD17-like cases (``python -m harness.data.rmd17_valid``), made in the repository's
 #: harness: an independent trajectory per molecule under the training pool's protocol.
-RMD17_VALID_DIR = Path(__file__).resolve().parent.parent.parent / "harness" / "data" / "rmd17_valid"
+RMD17_VALID_DIR = Path(__file__).resolve().parent.parent / "data" / "rmd17_valid"
 HARNESS_DATA_DIR = RMD17_VALID_DIR.parent
 #: Molecules and sizes of the benchmark-scale ``rmd17-s`` task (aspirin and one cheaper molecule).
 RMD17_S_MOLECULES: Tuple[str, ...] = ("aspirin", "malonaldehyde")
@@ -219,26 +213,29 @@ STANDIN_FOUNDATION_FLAGS: Tuple[str, ...] = (
 )
 
 
-def pretrain_standin_foundation(work_dir: Path, epochs: Optional[int] = None) -> Path:
-    """Pretrain (once; reused if present) a small MACE on the bundled EMT bulk cells with ``mace_run_train``."""
+def pretrain_standin_foundation(work_dir: Path, epochs: Optional[int] = None,
+                                flags: Sequence[str] = STANDIN_FOUNDATION_FLAGS) -> Path:
+    """Pretrain (once; reused if present) a small MACE on the bundled EMT bulk cells with plain ``mace_run_train``.
+
+    ``flags``: the recipe (default :data:`STANDIN_FOUNDATION_FLAGS`; ``calibrate`` uses the quick start's),
+    ``epochs`` replacing its ``--max_num_epochs``.
+    """
     work_dir = Path(work_dir)
     model = work_dir / "foundation.model"
     if model.is_file():
         return model
-    work_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("mace_sparse.bench").info(
         "pretraining the stand-in foundation on EMT bulk cells in %s (once; reused by later runs)", work_dir)
-    flags = list(STANDIN_FOUNDATION_FLAGS)
+    flags = list(flags)
     if epochs is not None:
         flags[flags.index("--max_num_epochs") + 1] = str(epochs)
-    env = {**os.environ, "MACE_SPARSE_DISABLE": "1"}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = ["mace_run_train", "--name", "foundation", "--train_file", str(DATA_DIR / "emt" / "bulk_train.xyz"),
-           "--valid_fraction", "0.15", *flags]
-    with open(work_dir / "command.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not model.is_file():
-        raise RuntimeError(f"pretraining the stand-in foundation failed; see {work_dir / 'command.log'}")
+    args = ["--name", "foundation", "--train_file", str(DATA_DIR / "emt" / "bulk_train.xyz"),
+            "--valid_fraction", "0.15", *flags]
+    run = run_mace_train(args, work_dir, plugin=False)
+    if run.returncode != 0 or not model.is_file():
+        raise RuntimeError(f"pretraining the stand-in foundation failed; last lines of {run.log}:\n"
+                           + log_tail(run.log))
+    logging.getLogger("mace_sparse.bench").info("stand-in foundation ready after %.0f s", run.wall_s)
     return model
 
 

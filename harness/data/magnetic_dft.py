@@ -5,7 +5,7 @@ DFT spin moments, so a magnetic head can be sanity-checked against first princip
 each molecule's high-spin ground-state multiplicity; moments are Mulliken α−β populations in μB, stored unsigned
 as ``REF_magmoms`` (same convention as CHGNet) and signed as ``DFT_spin_signed``. Unconverged SCFs are skipped.
 
-Run ``python -m mace_sparse.data.magnetic_dft [OUT_FILE]``
+Run ``python -m harness.data.magnetic_dft [OUT_FILE]``
 (default: ``mace_sparse/data/magnetic_oxides/dft_molecules.xyz``).
 """
 
@@ -17,12 +17,14 @@ from typing import List
 
 import numpy as np
 
+from mace_sparse import data as bundled_data
+
 HARTREE_EV = 27.211386245988
 BOHR_A = 0.529177210903
 #: 2S of the high-spin ground state and the experimental bond length (Å) of each monoxide.
 MOLECULES = {"Mn": (5, 1.646), "Fe": (4, 1.616), "Co": (3, 1.629), "Ni": (2, 1.627)}
 SCALES = (0.94, 0.98, 1.02, 1.06, 1.10)
-DEFAULT_FILE = Path(__file__).resolve().parent / "magnetic_oxides" / "dft_molecules.xyz"
+DEFAULT_FILE = bundled_data.path("magnetic_oxides") / "dft_molecules.xyz"
 
 
 def label(metal: str, bond: float):

@@ -10,7 +10,7 @@ cheminformatics package is needed); benzene comes from ``ase.build.molecule``. F
 holds the first 200 sampled frames in a seeded random order (its first N frames are a random subset of size N,
 e.g. 50) and the test file the last 50 frames of the trajectory, which the train frames never neighbour.
 
-Run ``python -m mace_sparse.data.rmd17_like [OUT_DIR]`` (default: ``mace_sparse/data/rmd17_like``).
+Run ``python -m harness.data.rmd17_like [OUT_DIR]`` (default: ``mace_sparse/data/rmd17_like``).
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from typing import Dict, List
 
 import numpy as np
 
+from mace_sparse import data as bundled_data
+
 SEED = 17
 METHOD = "GFN1-xTB"
 N_TRAIN, N_TEST = 200, 50
 #: MD steps (0.5 fs) between stored frames: 5 fs, about half a C–H stretch period (rMD17 frames are also correlated).
 EVERY = 10
-DEFAULT_DIR = Path(__file__).resolve().parent / "rmd17_like"
+DEFAULT_DIR = bundled_data.path("rmd17_like")
 
 XYZ = {
     "aspirin": """
@@ -104,7 +106,7 @@ def geometry(name: str):
 
 def trajectory(name: str, seed: int) -> List:
     """N_TRAIN + N_TEST labelled frames of one 500 K GFN1-xTB Langevin trajectory, in time order."""
-    from mace_sparse.data._xtb_sampling import md_frames
+    from harness.data._xtb_sampling import md_frames
 
     frames = md_frames(geometry(name), METHOD, N_TRAIN + N_TEST, EVERY, seed, "md_500K", equilibrate=200)
     for frame in frames:

@@ -19,7 +19,7 @@ def split(items: List, seed: int, test_fraction: float = 0.2) -> Tuple[List, Lis
 def write_train_test(train: List, test: List, default_dir: Path, argv: Optional[List[str]] = None) -> Dict[str, Path]:
     """Write ``train.xyz`` and ``test.xyz`` (extxyz) into ``argv[0]`` or ``default_dir``; returns their paths.
 
-    The command-line tail shared by the data scripts (``python -m mace_sparse.data.<set> [OUT_DIR]``).
+    The command-line tail shared by the data scripts (``python -m harness.data.<set> [OUT_DIR]``).
     """
     import ase.io
 

@@ -1,34 +1,36 @@
 """The magnetic-head benchmark (``mace_sparse bench-magnetic``): moments learnt by sparse fine-tuning of a
 foundation that never saw them, and what the head costs the energy/force fit.
 
-Side by side in one run, same data, seeds, epochs and flags: sparse_str with the head, sparse_str without it,
-and (for context) full fine-tuning with the head. Every number is measured here on the held-out structures.
+An experiment of the one runner (:mod:`harness.pipeline.runner`). Side by side in one run, same data, seeds,
+epochs and flags: sparse_str with the head, sparse_str without it, and (for context) full fine-tuning with the
+head. Every number is measured on the held-out structures by the shared evaluator, on the run's
+``_magnetic.model`` (MACE + head) where there is one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import os
 import statistics
-import subprocess
-import time
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from .bench_train import mace_run_train_executable
-from .evaluation import evaluate_file
+from .methods import Method, TrainSettings
+from .tasks import BenchCase
 
 #: targets of the issue: moment MAE, energy/force ratio to the same fine-tune without head, unchanged backbone
 TARGET_MAGMOM_MAE = 0.03
 TARGET_UNCHANGED = 0.90
 
+#: variant -> its own mace_run_train flags (``{weight}``: the moment loss weight)
 VARIANTS: Dict[str, List[str]] = {
     "sparse_str + head": ["--finetune-method", "sparse_str", "--magmom_weight", "{weight}"],
     "sparse_str, no head": ["--finetune-method", "sparse_str"],
     "full + head": ["--finetune_method", "full", "--magmom_weight", "{weight}"],
 }
+#: flags of every run beyond the runner's shared ones (moments key, validation every 5 epochs)
+CASE_FLAGS = ("--magmoms_key", "REF_magmoms", "--eval_interval", "5")
+EMA_DECAY = 0.99
 
 
 @dataclasses.dataclass
@@ -45,56 +47,52 @@ class MagneticSettings:
     variants: Sequence[str] = tuple(VARIANTS)
 
 
-def run_variant(settings: MagneticSettings, variant: str, seed: int, work: Path) -> Dict[str, float]:
-    """One fine-tune through the real ``mace_run_train`` and its scores on the held-out file."""
-    name = f"{variant.replace(' ', '').replace(',', '_').replace('+', '_')}_s{seed}"
-    run_dir = work / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    extra = [flag.format(weight=settings.magmom_weight) for flag in VARIANTS[variant]]
-    cmd = [
-        mace_run_train_executable(), "--name", name, "--foundation_model", settings.foundation,
-        "--train_file", settings.train_file, "--valid_fraction", "0.1", "--E0s", "foundation",
-        "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--magmoms_key", "REF_magmoms",
-        "--max_num_epochs", str(settings.epochs), "--lr", str(settings.lr), "--batch_size", str(settings.batch_size),
-        "--seed", str(seed), "--default_dtype", "float64", "--device", "cpu", "--plot", "False",
-        "--multiheads_finetuning", "False", "--eval_interval", "5", "--ema", "--ema_decay", "0.99", *extra,
-    ]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} (seed {seed}) failed:\n{proc.stderr[-3000:]}")
-    wall = time.perf_counter() - start
-    magnetic = run_dir / f"{name}_magnetic.model"
-    model = magnetic if magnetic.is_file() else run_dir / f"{name}.model"
-    scores = evaluate_file(model, settings.test_file, magmoms_key="REF_magmoms" if magnetic.is_file() else None)
-    scores["wall_s"] = wall
-    sparsity = run_dir / f"{name}_sparsity.json"
-    if sparsity.is_file():
-        report = json.loads(sparsity.read_text())
-        scores["unchanged_adapted"] = float(report["sparsity_over_adapted_layers"])
-        scores["unchanged_all"] = float(report["sparsity_over_all_parameters"])
-    return scores
+def _slug(variant: str) -> str:
+    return variant.replace(" ", "").replace(",", "_").replace("+", "_")
 
 
-def run_benchmark(settings: MagneticSettings, work: Path) -> dict:
+def methods(settings: MagneticSettings) -> List[Method]:
+    """The runner's methods: one per variant, its flags with the moment weight filled in."""
+    out = []
+    for variant in settings.variants:
+        flags = tuple(flag.format(weight=settings.magmom_weight) for flag in VARIANTS[variant])
+        out.append(Method(_slug(variant), "sparse_str" if "sparse_str" in flags else "full", flags, None))
+    return out
+
+
+def case(settings: MagneticSettings) -> BenchCase:
+    """The held-out oxides are the target; no source test set (forgetting is the benchmark's ``magnetic`` task)."""
+    return BenchCase(task="magnetic-head", label="magnetic-head/tm-oxides", foundation=Path(settings.foundation),
+                     train_file=Path(settings.train_file), test_file=Path(settings.test_file),
+                     e0s="foundation", valid_fraction=0.1, extra_flags=CASE_FLAGS)
+
+
+def run_benchmark(settings: MagneticSettings, work: Optional[Path] = None) -> dict:
     """Every (variant, seed) run, ``settings.jobs`` at a time (each run is one single-threaded process)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from harness.pipeline.runner import BenchOptions, run_bench  # torch and MACE: only when the benchmark runs
 
-    plan = [(variant, seed) for seed in settings.seeds for variant in settings.variants]
-    results: Dict[str, List[Dict[str, float]]] = {v: [] for v in settings.variants}
-
-    def one(index: int, variant: str, seed: int) -> Dict[str, float]:
-        logging.info(f"run {index + 1}/{len(plan)}: {variant}, seed {seed}")
-        scores = run_variant(settings, variant, seed, work)
-        logging.info(f"run {index + 1}/{len(plan)} done: {json.dumps({k: round(v, 4) for k, v in scores.items()})}")
-        return scores
-
-    with ThreadPoolExecutor(max_workers=max(1, settings.jobs)) as pool:
-        futures = [pool.submit(one, i, v, s) for i, (v, s) in enumerate(plan)]
-        for (variant, _), future in zip(plan, futures):
-            results[variant].append(future.result())
+    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="mace_sparse_bench_magnetic_"))
+    train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, ema=True,
+                          ema_decay=EMA_DECAY)
+    options = BenchOptions(methods=methods(settings), seeds=list(settings.seeds), settings=train, out=work,
+                           jobs=settings.jobs, cost_rounds=0)
+    result = run_bench([case(settings)], options)[0]
+    results = {v: [scores(r) for r in result["runs"] if r["method"] == _slug(v)] for v in settings.variants}
     return {"settings": dataclasses.asdict(settings), "runs": results, "summary": summarise(results)}
+
+
+def scores(record: Dict[str, Any]) -> Dict[str, float]:
+    """One run's scores under this report's names, from the runner's record."""
+    out = {"energy_mae_mev_per_atom": record["target_energy_mae_per_atom"],
+           "energy_mae_mev": record["target_energy_mae_per_config"],
+           "force_mae_mev_per_a": record["target_force_mae"], "wall_s": record["wall_s"]}
+    if "target_magmom_mae" in record:
+        out["magmom_mae_mub"] = record["target_magmom_mae"]
+        out["magmom_rmse_mub"] = record["target_magmom_rmse"]
+    if "unchanged_adapted" in record:
+        out["unchanged_adapted"] = record["unchanged_adapted"]
+        out["unchanged_all"] = record["unchanged_all"]
+    return out
 
 
 def _mean_std(values: List[float]) -> Dict[str, float]:

@@ -4,7 +4,7 @@ ASE's EMT is a real (if simple) many-body potential that needs no download, so i
 tiny foundations in tests and for the quick-start run. Bulk cells are the foundation's domain; slabs with
 vacuum are a domain shift the bulk-trained foundation has not seen. Everything is seeded.
 
-Run ``python -m mace_sparse.data.emt_data OUT_DIR`` to write the extxyz files.
+Run ``python -m harness.data.emt_data OUT_DIR`` to write the extxyz files.
 """
 
 from __future__ import annotations

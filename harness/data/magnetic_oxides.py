@@ -5,22 +5,24 @@ data, half of them with random cation substitution ((Mn,Ni)O, (Fe,Co)O, ...). CH
 stress and per-atom magnetic moments; CHGNet's moments are unsigned magnitudes in μB (it sees geometry only, so
 it cannot tell ↑ from ↓), stored as ``REF_magmoms``. CHGNet is a surrogate of Materials Project PBE/PBE+U.
 
-Run ``python -m mace_sparse.data.magnetic_oxides [OUT_DIR]`` (default: ``mace_sparse/data/magnetic_oxides``).
+Run ``python -m harness.data.magnetic_oxides [OUT_DIR]`` (default: ``mace_sparse/data/magnetic_oxides``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
+
+from mace_sparse import data as bundled_data
 
 SEED = 777
 N_TRAIN, N_TEST = 150, 50
 CATIONS = ("Mn", "Fe", "Co", "Ni")
 #: Rocksalt lattice constants (Å) of the pure oxides; mixtures use the composition-weighted mean (Vegard).
 LATTICE = {"Mn": 4.44, "Fe": 4.31, "Co": 4.26, "Ni": 4.18}
-DEFAULT_DIR = Path(__file__).resolve().parent / "magnetic_oxides"
+DEFAULT_DIR = bundled_data.path("magnetic_oxides")
 
 
 def _cell(rng: np.random.Generator):
@@ -52,15 +54,10 @@ def configs(n: int = N_TRAIN + N_TEST, seed: int = SEED) -> List:
     return [_cell(rng) for _ in range(n)]
 
 
-def default_files() -> Tuple[Path, Path]:
-    """The bundled ``train.xyz`` and ``test.xyz`` (made by :func:`main` with the default seed)."""
-    return DEFAULT_DIR / "train.xyz", DEFAULT_DIR / "test.xyz"
-
-
 def main(argv: List[str] | None = None) -> Dict[str, Path]:
     """Write ``train.xyz`` (150) and ``test.xyz`` (50) and return their paths."""
-    from mace_sparse.data._chgnet_label import label_all
-    from mace_sparse.data._split import write_train_test
+    from harness.data._chgnet_label import label_all
+    from harness.data._split import write_train_test
 
     labelled = label_all(configs())
     return write_train_test(labelled[:N_TRAIN], labelled[N_TRAIN:], DEFAULT_DIR, argv)

@@ -5,7 +5,7 @@ surface cells) so that the magnetic-oxide task (``magnetic_oxides``: larger, mor
 is a real shift in distribution. Labels come from CHGNet, a surrogate of Materials Project PBE/PBE+U; CHGNet's
 unsigned magnetic moments are stored as ``REF_magmoms`` but the foundation is not trained on them.
 
-Run ``python -m mace_sparse.data.inorganic_data [OUT_DIR]`` (default: ``mace_sparse/data/inorganic``).
+Run ``python -m harness.data.inorganic_data [OUT_DIR]`` (default: ``mace_sparse/data/inorganic``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from mace_sparse import data as bundled_data
+
 SEED = 20261123
 N_PER_MATERIAL = 40
 TEST_FRACTION = 0.2
-DEFAULT_DIR = Path(__file__).resolve().parent / "inorganic"
+DEFAULT_DIR = bundled_data.path("inorganic")
 
 #: (builder name, lattice constant(s) in Å); experimental/PBE-like values are enough: strain and rattling follow.
 METALS: Dict[str, Tuple[str, float]] = {
@@ -116,8 +118,8 @@ def configs(seed: int = SEED, n_per_material: int = N_PER_MATERIAL) -> List:
 
 def main(argv: List[str] | None = None) -> Dict[str, Path]:
     """Write ``train.xyz`` and ``test.xyz`` (extxyz) and return their paths."""
-    from mace_sparse.data._chgnet_label import label_all
-    from mace_sparse.data._split import split, write_train_test
+    from harness.data._chgnet_label import label_all
+    from harness.data._split import split, write_train_test
 
     train, test = split(label_all(configs()), seed=SEED, test_fraction=TEST_FRACTION)
     return write_train_test(train, test, DEFAULT_DIR, argv)

@@ -337,7 +337,7 @@ def lr_table_markdown(table: Dict[str, Dict[str, Optional[float]]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m mace_sparse.benchmarks.bench_table BENCH.json``: print bench.md again from a run's JSON (for
+    """``python -m harness.pipeline.table BENCH.json``: print bench.md again from a run's JSON (for
     a run made by an older version of this table)."""
     import argparse
     import json

@@ -5,7 +5,7 @@ complexes up to 30 atoms), sampled by short GFN2-xTB Langevin MD at 500 K plus o
 rMD17-like task (``rmd17_like``) is labelled with GFN1-xTB on molecules absent here, so fine-tuning on it
 shifts both the chemistry and the level of theory.
 
-Run ``python -m mace_sparse.data.organic_data [OUT_DIR]`` (default: ``mace_sparse/data/organic``).
+Run ``python -m harness.data.organic_data [OUT_DIR]`` (default: ``mace_sparse/data/organic``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from mace_sparse.data._split import split, write_train_test
+from harness.data._split import split, write_train_test
+from mace_sparse import data as bundled_data
 
 SEED = 4242
 METHOD = "GFN2-xTB"
 MD_FRAMES = 5
 MD_EVERY = 40
-DEFAULT_DIR = Path(__file__).resolve().parent / "organic"
+DEFAULT_DIR = bundled_data.path("organic")
 
 
 def molecules() -> List[Tuple[str, object]]:
@@ -40,7 +41,7 @@ def molecules() -> List[Tuple[str, object]]:
 
 def configs(seed: int = SEED) -> List:
     """Labelled frames: per molecule, MD_FRAMES Langevin frames and one rattled equilibrium geometry."""
-    from mace_sparse.data._xtb_sampling import label, md_frames
+    from harness.data._xtb_sampling import label, md_frames
 
     rng = np.random.default_rng(seed)
     out = []

@@ -1,6 +1,7 @@
 """Pretrain the benchmark-scale foundations ``organic-s`` and ``inorganic-s`` to convergence, resumably.
 
 ``python -m harness.pretrain organic-s|inorganic-s [--chunk-epochs 5] [--max-epochs 300] [--hours H]``
+(:mod:`harness.pretrain` dispatches the benchmark-scale names here)
 
 Plain ``mace_run_train`` (the mace_sparse start-up hook is off, ``MACE_SPARSE_DISABLE=1``) in a persistent work
 directory ``harness/foundations/<name>/``, always with ``--restart_latest``: the run goes in chunks of
@@ -20,16 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parent.parent
+from mace_sparse.training import run_mace_train
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 DATA = ROOT / "harness" / "data"
 WORK = ROOT / "harness" / "foundations"
 BUNDLE = ROOT / "mace_sparse" / "foundations"
@@ -124,7 +125,7 @@ def run_chunks(name: str, chunk: int, max_epochs: int, hours: Optional[float], t
         sys.exit(f"error: {spec['data'] / 'train.xyz'} is missing; make it first with '{spec['generator']}'")
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     started = time.time()
     while True:
         state = convergence(curve(work))
@@ -136,15 +137,17 @@ def run_chunks(name: str, chunk: int, max_epochs: int, hours: Optional[float], t
             return state
         cmd = command(name, min(done + chunk, max_epochs))
         print(f"$ {' '.join(cmd)}", flush=True)
-        base, t0 = _wall(work), time.time()
-        with open(work / "command.log", "a") as fh:
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            while proc.poll() is None:  # the wall time is kept current, so a killed chunk still counts
-                time.sleep(30)
-                (work / "wall_s.txt").write_text(f"{base + time.time() - t0:.1f}\n")
-        (work / "wall_s.txt").write_text(f"{base + time.time() - t0:.1f}\n")
-        if proc.returncode != 0:
-            sys.exit(f"error: mace_run_train failed ({proc.returncode}); see {work / 'command.log'}")
+        base, written = _wall(work), [0.0]
+
+        def keep_wall(elapsed: float) -> None:  # the wall time is kept current, so a killed chunk still counts
+            if elapsed - written[0] >= 30:
+                (work / "wall_s.txt").write_text(f"{base + elapsed:.1f}\n")
+                written[0] = elapsed
+
+        run = run_mace_train(cmd[1:], work, plugin=False, env_extra=env, append=True, on_poll=keep_wall)
+        (work / "wall_s.txt").write_text(f"{base + run.wall_s:.1f}\n")
+        if run.returncode != 0:
+            sys.exit(f"error: mace_run_train failed ({run.returncode}); see {work / 'command.log'}")
         after = convergence(curve(work))
         print(json.dumps({k: after[k] for k in ("epochs", "best_mae_f", "tail_gain", "converged")}), flush=True)
         if after["epochs"] <= done:
@@ -173,7 +176,7 @@ def write_card(name: str, state: Dict) -> Dict:
     import ase.io
     import torch
 
-    from mace_sparse.foundations.evaluate import errors
+    from harness.pipeline.evaluate import errors  # torch and MACE: only for the card
 
     spec, work = SPECS[name], WORK / name
     model = work / f"{name}.model"
@@ -218,7 +221,7 @@ benchmarks (issue: a regime like the users'), not for production. Use it as `--f
 
 {spec['note']}
 
-## Source test errors (`mace_sparse.foundations.evaluate`, float64)
+## Source test errors (`harness.pipeline.evaluate`, float64)
 
 | split | configs | energy MAE (meV/atom) | force MAE (meV/Å) | force RMSE (meV/Å) |
 |---|---|---|---|---|

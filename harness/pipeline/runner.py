@@ -1,10 +1,15 @@
-"""Run the side-by-side fine-tuning benchmark: every method × seed of every case, then evaluate.
+"""The one runner of the harness: every method × seed of every case of an experiment, then evaluated.
+
+``mace_sparse bench``, ``calibrate`` and ``bench-magnetic`` are all experiments of this runner (their cases,
+methods and settings are data in :mod:`harness.experiments`); they differ only in the report they draw from the
+records it returns.
+
 
 For each case: the training file is cut to its size, the foundation is evaluated as it is (zero-shot), every
 trained method runs as a real ``mace_run_train`` subprocess for every seed, each saved model is evaluated on
 the target test set and the source test set, its changed parameters are counted against the step-0 model,
-and the training-step cost of every method is measured (:mod:`mace_sparse.benchmarks.bench_cost`). The result
-is one JSON-ready dict; :mod:`mace_sparse.benchmarks.bench_table` turns it into the table.
+and the training-step cost of every method is measured (:mod:`mace_sparse.benchmarks.bench_cost`; skipped with
+``cost_rounds=0``). The result is one JSON-ready dict; :mod:`harness.pipeline.table` turns it into the table.
 
 The step-0 model (the foundation as MACE configured it for this data: element-filtered, atomic energies per
 ``--E0s``) is what "changed" is measured against. A sparse_str run records it exactly: reverting its delta file
@@ -24,10 +29,15 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import bench_eval
-from .bench_methods import REFERENCE, ZERO_SHOT, Method, TrainSettings, train_command
-from .bench_tasks import BenchCase
-from .bench_train import TrainOutput, failure_tail, run_training, write_subset
+import torch
+
+from harness.experiments.methods import REFERENCE, ZERO_SHOT, Method, TrainSettings, train_command
+from harness.experiments.tasks import BenchCase
+
+from . import evaluate as bench_eval
+from .curve import best_point
+from .splits import scored_test_sets, split_files
+from .train import TrainOutput, failure_tail, run_training
 
 LOG = logging.getLogger("mace_sparse.bench")
 
@@ -41,6 +51,7 @@ class BenchOptions:
     settings: TrainSettings
     out: Path
     jobs: int = 1
+    #: interleaved step-timing rounds (:mod:`mace_sparse.benchmarks.bench_cost`); 0: no step-cost measurement
     cost_rounds: int = 10
     measure_memory: bool = True
     freeze: int = 5
@@ -51,6 +62,8 @@ class BenchOptions:
     #: learning rates tried for every method on the first seed; the one with the lowest validation force MAE
     #: (at MACE's best checkpoint) is used for every seed. Empty: ``settings.lr`` for all, no tuning.
     lr_grid: Tuple[float, ...] = ()
+    #: log every validation line of every run (``calibrate`` does: its runs are short and run one at a time)
+    echo_epochs: bool = False
 
     def settings_for(self, case: BenchCase) -> TrainSettings:
         """What every method of ``case`` shares (same epochs for all of them)."""
@@ -122,8 +135,6 @@ def _tuning_plan(case: BenchCase, options: BenchOptions, train_file: Path, case_
 
 def _select_lrs(jobs: Sequence[_Job]) -> Tuple[Dict[str, float], Dict[str, Dict[str, Optional[float]]]]:
     """Per method: the grid lr of the lowest validation force MAE at the best checkpoint, and the whole table."""
-    from .bench_curve import best_point
-
     table: Dict[str, Dict[str, Optional[float]]] = {}
     for job in jobs:
         best = best_point(job.output.curve) if job.output else None
@@ -137,15 +148,19 @@ def _select_lrs(jobs: Sequence[_Job]) -> Tuple[Dict[str, float], Dict[str, Dict[
     return chosen, table
 
 
-def _execute(jobs: Sequence[_Job], parallel: int) -> None:
+def _execute(jobs: Sequence[_Job], parallel: int, echo_epochs: bool = False) -> None:
     """Run the jobs (``parallel`` at a time); a failed run stops the benchmark with its console tail."""
     lock = threading.Lock()
 
     def one(job: _Job) -> _Job:
         with lock:
             LOG.info("run %d/%d: %s seed %d (%s) …", job.index, job.total, job.method.name, job.seed, job.case.label)
+        def echo(line: str) -> None:
+            if " INFO: Epoch " in line:
+                LOG.info("%s seed %d: %s", job.method.name, job.seed, line.split(" INFO: ", 1)[1])
+
         job.output = run_training(job.args, job.run_dir, patience=_patience(job.args),
-                                  stage_two=job.method.stage_two)
+                                  stage_two=job.method.stage_two, on_line=echo if echo_epochs else None)
         with lock:
             out = job.output
             extra = f", median epoch {out.epoch_s:.2f} s" if out.epoch_s is not None else ""
@@ -191,11 +206,7 @@ def _errors_dict(prefix: str, errors: Dict[str, float]) -> Dict[str, Any]:
     return {f"{prefix}_{key}": value for key, value in errors.items()}
 
 
-def _evaluate_run(job: _Job, reference, target: Path, source: Path) -> Dict[str, Any]:
-    import torch
-
-    from .bench_curve import best_point
-
+def _evaluate_run(job: _Job, reference, target: Path, source: Optional[Path]) -> Dict[str, Any]:
     out = job.output
     assert out is not None
     saved = torch.load(str(out.model), map_location="cpu", weights_only=False)
@@ -221,6 +232,8 @@ def _evaluate_run(job: _Job, reference, target: Path, source: Path) -> Dict[str,
         record["delta_bytes"] = out.delta.stat().st_size if out.delta else None
         record["delta_percent_of_model"] = (100.0 * record["delta_bytes"] / record["model_bytes"]
                                             if record["delta_bytes"] else None)
+        record["unchanged_adapted"] = float(sparsity["sparsity_over_adapted_layers"])
+        record["unchanged_all"] = float(sparsity["sparsity_over_all_parameters"])
     # a run with the magnetic head also writes <name>_magnetic.model (MACE + head): it scores the moments too
     magnetic = out.model.with_name(out.model.stem + "_magnetic.model")
     scored = magnetic if magnetic.is_file() else out.model
@@ -228,7 +241,9 @@ def _evaluate_run(job: _Job, reference, target: Path, source: Path) -> Dict[str,
     case = job.case
     record.update(_errors_dict("target", bench_eval.evaluate(scored, target, case.energy_key, case.forces_key,
                                                              magmoms_key)))
-    record.update(_errors_dict("source", bench_eval.evaluate(out.model, source, case.energy_key, case.forces_key)))
+    if source is not None:
+        record.update(_errors_dict("source", bench_eval.evaluate(out.model, source, case.energy_key,
+                                                                 case.forces_key)))
     return record
 
 
@@ -246,60 +261,49 @@ def _number(jobs: Sequence[_Job], counter: List[int], total: int) -> None:
         job.index, job.total = counter[0], total
 
 
-def split_files(case: BenchCase, case_dir: Path) -> Tuple[Path, Optional[Path]]:
-    """The training file of the case (its first N frames) and its validation file, kept apart.
+def _zero_shot(case: BenchCase, target: Path, source: Optional[Path]) -> Dict[str, Any]:
+    zero = {"case": case.label, "method": ZERO_SHOT, "seed": None, "changed_entries": 0, "changed_percent": 0.0}
+    zero.update(_errors_dict("target", bench_eval.evaluate(case.foundation, target, case.energy_key,
+                                                           case.forces_key)))
+    if source is not None:
+        zero.update(_errors_dict("source", bench_eval.evaluate(case.foundation, source, case.energy_key,
+                                                               case.forces_key)))
+    LOG.info("%s: zero-shot force MAE target %.1f, source %s meV/Å", case.label, zero["target_force_mae"],
+             f"{zero['source_force_mae']:.1f}" if source is not None else "–")
+    return zero
 
-    ``valid_size`` V takes the last V frames of the training pool, the training frames come from the front; a
-    pool too small for both is refused. Otherwise ``valid_file`` (or None: MACE's ``--valid_fraction``).
-    """
-    if not case.valid_size:
-        return write_subset(case.train_file, case.train_size, case_dir / "train.xyz"), case.valid_file
-    frames = bench_eval.read_frames(case.train_file)
-    n = case.train_size if case.train_size is not None else len(frames) - case.valid_size
-    if n < 1 or n + case.valid_size > len(frames):
-        raise ValueError(f"{case.label}: {case.train_file} has {len(frames)} frames, too few for {n} training and "
-                         f"{case.valid_size} validation frames")
-    return (bench_eval.write_frames(frames[:n], case_dir / "train.xyz"),
-            bench_eval.write_frames(frames[-case.valid_size:], case_dir / "valid.xyz"))
+
+def _step_costs(options: BenchOptions, case: BenchCase, base, train_file: Path) -> Dict[str, Any]:
+    """Step time and memory per cost key (none with ``cost_rounds=0`` or without a trained method)."""
+    trained = [m for m in options.methods if m.trains]
+    if not trained or options.cost_rounds <= 0:
+        return {}
+    # the step-cost measurement still lives in the runtime package until it moves to harness/stepcost
+    from mace_sparse.benchmarks.bench_cost import measure_step_costs
+
+    frames = bench_eval.read_frames(train_file)[: options.settings.batch_size]
+    measured = measure_step_costs(
+        base, frames, trained, options.settings.lr, rounds=options.cost_rounds, lora_rank=options.lora_rank,
+        lora_alpha=options.lora_alpha, freeze=options.freeze, memory=options.measure_memory,
+        log=lambda msg: LOG.info("%s: %s", case.label, msg),
+    )
+    return {key: dataclasses.asdict(value) for key, value in measured.items()}
 
 
 def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: int) -> Dict[str, Any]:
     """Everything measured on one case (runs, zero-shot, step costs)."""
-    from .bench_cost import measure_step_costs
-
     case.check_files()
     case_dir = options.out / "runs" / _slug(case.label)
     train_file, valid_file = split_files(case, case_dir)
     elements = bench_eval.file_elements(train_file)
-    target_frames = bench_eval.read_frames(case.test_file)
-    target_kept = bench_eval.read_frames(case.test_file, elements)
-    target = Path(case.test_file)
-    if len(target_kept) < len(target_frames):
-        # a fine-tuned model knows only the training elements (see bench_eval); score every method on the rest
-        LOG.warning("%s: %d target test configs hold elements absent from the training data and are left out",
-                    case.label, len(target_frames) - len(target_kept))
-        target = bench_eval.write_frames(target_kept, case_dir / "target_test_subset.xyz")
-    source_all = len(bench_eval.read_frames(case.source_test_file))
-    source = bench_eval.write_frames(bench_eval.read_frames(case.source_test_file, elements),
-                                     case_dir / "source_test_subset.xyz")
-    n_source = len(bench_eval.read_frames(source))
-    LOG.info("%s: %d target test configs, %d of %d source test configs made of the training elements",
-             case.label, len(target_kept), n_source, source_all)
-
-    zero = {"case": case.label, "method": ZERO_SHOT, "seed": None, "changed_entries": 0,
-            "changed_percent": 0.0}
-    zero.update(_errors_dict("target", bench_eval.evaluate(case.foundation, target, case.energy_key,
-                                                           case.forces_key)))
-    zero.update(_errors_dict("source", bench_eval.evaluate(case.foundation, source, case.energy_key,
-                                                           case.forces_key)))
-    LOG.info("%s: zero-shot force MAE target %.1f, source %.1f meV/Å", case.label, zero["target_force_mae"],
-             zero["source_force_mae"])
+    target, source, counts = scored_test_sets(case, case_dir, elements)
+    runs = [_zero_shot(case, target, source)] if any(m.kind == ZERO_SHOT for m in options.methods) else []
 
     lrs, lr_table = None, {}
     if len(options.lr_grid) > 1:
         tuning = _tuning_plan(case, options, train_file, case_dir, valid_file)
         _number(tuning, counter, total)
-        _execute(tuning, options.jobs)
+        _execute(tuning, options.jobs, options.echo_epochs)
         lrs, lr_table = _select_lrs(tuning)
         LOG.info("%s: learning rates chosen on validation: %s", case.label,
                  ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
@@ -307,49 +311,41 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
         lrs = {m.name: options.lr_grid[0] for m in options.methods if m.trains}
     jobs = _plan(case, options, train_file, case_dir, valid_file, lrs)
     _number(jobs, counter, total)
-    _execute(jobs, options.jobs)
+    _execute(jobs, options.jobs, options.echo_epochs)
     refs = _references(jobs)
     fingerprints = {seed: bench_eval.fingerprint(model) for seed, (model, _) in refs.items()}
 
-    runs = [zero] if any(m.kind == ZERO_SHOT for m in options.methods) else []
     for job in jobs:
         if job.method.kind == "reference":
             continue
         reference, _ = refs[job.seed]
         record = _evaluate_run(job, reference, target, source)
-        LOG.info("%s seed %d: force MAE target %.1f, source %.1f meV/Å, %.2f%% of parameters changed",
-                 job.method.name, job.seed, record["target_force_mae"], record["source_force_mae"],
-                 record["changed_percent"])
+        LOG.info("%s seed %d: force MAE target %.1f, source %s meV/Å, %.2f%% of parameters changed",
+                 job.method.name, job.seed, record["target_force_mae"],
+                 f"{record['source_force_mae']:.1f}" if source is not None else "–", record["changed_percent"])
         runs.append(record)
 
-    costs: Dict[str, Any] = {}
-    trained = [m for m in options.methods if m.trains]
-    if trained:
-        base, _ = refs[options.seeds[0]]
-        frames = bench_eval.read_frames(train_file)[: options.settings.batch_size]
-        measured = measure_step_costs(
-            base, frames, trained, options.settings.lr, rounds=options.cost_rounds, lora_rank=options.lora_rank,
-            lora_alpha=options.lora_alpha, freeze=options.freeze, memory=options.measure_memory,
-            log=lambda msg: LOG.info("%s: %s", case.label, msg),
-        )
-        costs = {key: dataclasses.asdict(value) for key, value in measured.items()}
+    costs = _step_costs(options, case, refs[options.seeds[0]][0], train_file) if refs else {}
     return {
         "case": dataclasses.asdict(case) | {"foundation": str(case.foundation), "train_file": str(case.train_file),
                                              "test_file": str(case.test_file),
-                                             "source_test_file": str(case.source_test_file)},
+                                             "source_test_file": _str_or_none(case.source_test_file)},
         "train_file_used": str(train_file),
         "valid_file_used": str(valid_file) if valid_file else None,
         "lr_selection": lr_table,
         "epochs": options.settings_for(case).epochs,
         "elements": sorted(elements),
-        "source_configs": {"used": n_source, "in_file": source_all, "subset_file": str(source)},
-        "target_configs": {"used": len(target_kept), "in_file": len(target_frames), "file": str(target)},
+        **counts,
         "reference": {str(seed): {"from": how, "fingerprint": fingerprints[seed]} for seed, (_, how) in refs.items()},
         "reference_seed_independent": len(set(fingerprints.values())) <= 1,
         "runs": runs,
         "step_cost": costs,
         "cost_key": {m.name: m.cost_key for m in options.methods if m.cost_key},
     }
+
+
+def _str_or_none(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
 
 
 def count_runs(cases: Sequence[BenchCase], options: BenchOptions) -> int:

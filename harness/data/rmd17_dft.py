@@ -4,7 +4,7 @@ The GFN1-xTB frames of ``rmd17_like`` are relabelled with pyscf RKS PBE/def2-SVP
 default def2-universal-jkfit basis, grid level 2, to fit a CPU budget of ~10 s per frame), giving a DFT target
 with the same geometries. Only malonaldehyde (9 atoms) and only a few frames: DFT costs ~1000× xTB here.
 
-Run ``python -m mace_sparse.data.rmd17_dft [OUT_DIR [train|test]]`` (default: ``mace_sparse/data/rmd17_like``,
+Run ``python -m harness.data.rmd17_dft [OUT_DIR [train|test]]`` (default: ``mace_sparse/data/rmd17_like``,
 both parts): writes
 ``malonaldehyde_pbe_train.xyz`` (the first N_TRAIN frames of ``malonaldehyde_train.xyz``, a random subset) and
 ``malonaldehyde_pbe_test.xyz`` (the first N_TEST frames of ``malonaldehyde_test.xyz``).
@@ -18,10 +18,12 @@ from typing import Dict, List
 
 import numpy as np
 
+from mace_sparse import data as bundled_data
+
 HARTREE_EV = 27.211386245988
 BOHR_A = 0.529177210903
 N_TRAIN, N_TEST = 30, 10
-DEFAULT_DIR = Path(__file__).resolve().parent / "rmd17_like"
+DEFAULT_DIR = bundled_data.path("rmd17_like")
 
 
 def label(atoms):

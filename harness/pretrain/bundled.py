@@ -1,6 +1,7 @@
-"""Pretrain a bundled foundation with the real ``mace_run_train`` and write its card.
+"""Pretrain a small bundled foundation (``organic``, ``inorganic``) with the real ``mace_run_train`` and write its card.
 
-``python -m mace_sparse.foundations.pretrain organic|inorganic [--epochs N] [--work-dir DIR]``
+``python -m harness.pretrain organic|inorganic [--epochs N] [--work-dir DIR]`` (:mod:`harness.pretrain`
+dispatches these names here; the benchmark-scale ones go to :mod:`harness.pretrain.chunked`)
 
 The command is plain MACE (the mace_sparse start-up hook is switched off with ``MACE_SPARSE_DISABLE=1``), so the
 bundled file is exactly what a user would get by typing the printed command. The model is kept small (≤ 2 MB) so
@@ -12,17 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / "data"
+from mace_sparse import data as bundled_data
+from mace_sparse import foundations
+from mace_sparse.training import log_tail, run_mace_train
+
+#: where the bundled foundations and their cards live (the package's foundations folder)
+HERE = Path(foundations.__file__).resolve().parent
+DATA = bundled_data.DATA_DIR
 SEED = 1
 
 #: Architecture shared by both foundations: 2 interactions, ℓ ≤ 1 messages, correlation 3, 4.5 Å cutoff.
@@ -42,7 +45,7 @@ TRAINING = [
 SPECS: Dict[str, Dict] = {
     "organic": {
         "data": DATA / "organic",
-        "labeler": "GFN2-xTB (tblite 0.8, neutral closed shell), via `mace_sparse.data.organic_data`",
+        "labeler": "GFN2-xTB (tblite 0.8, neutral closed shell), via `harness.data.organic_data`",
         "elements": "H, C, N, O",
         "epochs": 200,
         "note": "Trained on energies and forces. Molecules only (no periodic cells, no stress).",
@@ -51,7 +54,7 @@ SPECS: Dict[str, Dict] = {
     "inorganic": {
         "data": DATA / "inorganic",
         "labeler": "CHGNet 0.3.0 (chgnet 0.4.2 wheel), a surrogate of Materials Project PBE/PBE+U, "
-                   "via `mace_sparse.data.inorganic_data`",
+                   "via `harness.data.inorganic_data`",
         "elements": "Al, Cu, Ni, Fe, Co, Mn, O",
         "epochs": 45,
         "note": "Trained on energies, forces and stress (`--loss stress`). The data also carry CHGNet's per-atom "
@@ -116,7 +119,7 @@ points accept `--foundation_model mace_sparse:{name}` (turned into that path by 
 
 {spec["note"]}
 
-## Errors of the bundled model (`mace_sparse.foundations.evaluate`; the test split was never trained on)
+## Errors of the bundled model (`harness.pipeline.evaluate`; the test split was never trained on)
 
 | split | configs | energy MAE (meV/atom) | force MAE (meV/Å) | force RMSE (meV/Å) |
 |---|---|---|---|---|
@@ -144,7 +147,7 @@ still fall, a longer run would give a better (but larger-budget) foundation.
 {pretty}
 ```
 
-Rebuild: `python -m mace_sparse.foundations.pretrain {name}` (rewrites this card and `{name}.model`).
+Rebuild: `python -m harness.pretrain {name}` from a checkout (rewrites this card and `{name}.model`).
 """
 
 
@@ -168,15 +171,11 @@ def train(name: str, epochs: int | None, work: Path) -> float:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     cmd = command(name, epochs or SPECS[name]["epochs"])
-    env = {**os.environ, "MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print("$ " + " ".join(cmd), flush=True)
-    start = time.time()
-    with open(work / "command.log", "w") as fh:
-        proc = subprocess.run(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    wall = time.time() - start
-    if proc.returncode != 0:
-        tail = (work / "command.log").read_text().splitlines()[-20:]
-        raise RuntimeError(f"mace_run_train failed ({proc.returncode}):\n" + "\n".join(tail))
+    run = run_mace_train(cmd[1:], work, plugin=False)
+    wall = run.wall_s
+    if run.returncode != 0:
+        raise RuntimeError(f"mace_run_train failed ({run.returncode}):\n" + log_tail(run.log, 20))
     shutil.copyfile(work / f"{name}.model", HERE / f"{name}.model")
     (work / "wall_s.txt").write_text(f"{wall:.1f}\n")
     return wall
@@ -187,7 +186,7 @@ def write_card(name: str, work: Path, epochs: int | None = None) -> Dict:
     import ase.io
     import torch
 
-    from mace_sparse.foundations.evaluate import errors
+    from harness.pipeline.evaluate import errors  # torch and MACE: only for the card
 
     model = HERE / f"{name}.model"
     wall = float((work / "wall_s.txt").read_text())

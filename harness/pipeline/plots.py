@@ -1,6 +1,6 @@
 """PNG figures next to ``bench.md``: learning curves, and force error against the share of weights changed.
 
-Both are drawn from the per-case results of :func:`mace_sparse.benchmarks.bench_runner.run_case` (the same
+Both are drawn from the per-case results of :func:`harness.pipeline.runner.run_case` (the same
 numbers as ``bench.json``): the learning curve is the validation force MAE that MACE logged after every epoch
 (EMA weights when the run used ``--ema``) of each method's first seed; the trade-off plot puts each method's
 mean target force MAE over seeds against its mean share of the foundation's weights changed, so that
