@@ -1,13 +1,15 @@
 """Interpreter start-up hook (run from ``mace_sparse.pth``): activate the plugin when MACE's trainer loads.
 
 Kept tiny on purpose: it runs in every Python process of the environment, so it imports nothing beyond
-``os``/``sys`` and only puts a finder on ``sys.meta_path``. The finder reacts to exactly one module,
-``mace.cli.run_train``; when that module has executed it installs the entry patches (see
-``mace_sparse.integration.mace_patches``) and removes itself. ``MACE_SPARSE_DISABLE=1`` turns it off.
+``os``/``sys`` and the off switch (:mod:`mace_sparse.integration.state`, a leaf that imports only ``os``), and
+only puts a finder on ``sys.meta_path``. The finder reacts to exactly one module, ``mace.cli.run_train``; when
+that module has executed it installs the entry patches (:func:`mace_sparse.integration.entry.install`) and
+removes itself. ``MACE_SPARSE_DISABLE=1`` turns it off.
 """
 
-import os
 import sys
+
+from mace_sparse.integration.state import disabled
 
 _TARGET = "mace.cli.run_train"
 
@@ -24,7 +26,8 @@ class _PatchingLoader:
     def exec_module(self, module):
         self._loader.exec_module(module)
         try:
-            from mace_sparse.integration.mace_patches import install
+            # here, not at start-up: the integration imports torch and MACE (seconds), needed only from now on
+            from mace_sparse.integration.entry import install
 
             install(module)
         except Exception as exc:  # never break mace_run_train because the plugin failed to load
@@ -40,7 +43,7 @@ class _RunTrainFinder:
             return None
         sys.meta_path.remove(self)
         try:
-            import importlib.util
+            import importlib.util  # only once mace.cli.run_train is being imported: not in every interpreter
 
             spec = importlib.util.find_spec(fullname)
         except Exception:
@@ -49,10 +52,6 @@ class _RunTrainFinder:
             return None
         spec.loader = _PatchingLoader(spec.loader)
         return spec
-
-
-def disabled() -> bool:
-    return os.environ.get("MACE_SPARSE_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def install_import_hook() -> None:

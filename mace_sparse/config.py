@@ -1,13 +1,16 @@
 """What a sparse fine-tune is asked to do, and the checks that reject impossible requests.
 
 The config is plain data (like peft's ``LoraConfig``): the same object drives the Python API and the
-``mace_run_train`` integration, so both accept and refuse exactly the same settings.
+``mace_run_train`` integration, so both accept and refuse exactly the same settings. Each field is the one
+declaration of its setting: default, ``--sparse_*`` flag, help and valid range (:mod:`mace_sparse.flags`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
+
+from .flags import check_settings, setting
 
 #: Weight kinds that can be adapted, in the order they are reported (:mod:`mace_sparse.model_walker` says
 #: which MACE weights each covers). Together they cover every Parameter MACE 0.3.16 optimises.
@@ -75,18 +78,63 @@ class SparseConfig:
             step (a global cut on |ΔW| / scale; ``mace_sparse.budget``). ``None``: no budget, λ_τ alone decides.
     """
 
-    targets: Tuple[str, ...] = DEFAULT_TARGETS
-    init_threshold: float = 1e-3
-    threshold_lr: Optional[float] = None
-    threshold_weight_decay: float = 1.0
-    granularity: str = "layer"
-    delta_eps: float = 1.0
-    delta_lr_factor: float = 3.0
-    delta_init_std: float = 0.0
-    straight_through: bool = True
-    threshold_scale: str = "absolute"
-    budget: Optional[float] = None
-    retrain_support: bool = False
+    flag_prefix: ClassVar[str] = "sparse_"  # the flags are --sparse_<field> (mace_sparse.flags)
+
+    targets: Tuple[str, ...] = setting(
+        DEFAULT_TARGETS, parse=str, nargs="+", cli_default=",".join(DEFAULT_TARGETS),
+        help="weight kinds to adapt, comma- or space-separated (a YAML list works too): " + ", ".join(TARGET_KINDS)
+        + ", or 'all' (every parameter MACE would train; the run logs the share adapted per kind)",
+    )
+    init_threshold: float = setting(
+        1e-3, above=0.0, below=1.0, why=" (δ = sigmoid(score))",
+        help="initial threshold delta (absolute, as in the paper; delta = sigmoid(score))",
+    )
+    threshold_lr: Optional[float] = setting(
+        None, above=0.0, help="learning rate of the thresholds (default: --lr)",
+    )
+    # the flag's default None means "not given": 1.0, or 0 with --sparse_budget (integration.arguments)
+    threshold_weight_decay: float = setting(
+        1.0, at_least=0.0, cli_default=None, message="{flag} (λ_τ) must {condition}{why}; got {value}",
+        help="lambda_tau, decoupled weight decay of the threshold scores: the sparsity knob (higher = sparser; "
+        "default {default:g}, 0 with --sparse_budget, which it cannot be combined with)",
+    )
+    granularity: str = setting(
+        "layer", flag="sparse_threshold_granularity", choices=GRANULARITIES,
+        help="one threshold per weight tensor ('layer') or per irrep path / instruction ('path')",
+    )
+    delta_eps: float = setting(
+        1.0, at_least=0.0, why=" (0 = plain Adam)",
+        help="kappa of the gradient-scaled delta update: delta gradients are divided by their RMS and Adam's "
+        "eps is kappa, so entries move in proportion to their gradient's size (0 = plain Adam)",
+    )
+    delta_lr_factor: float = setting(
+        3.0, above=0.0, why=" (ΔW lr = factor × --lr)",
+        help="the latent deltas train at this multiple of --lr (the thresholds at --sparse_threshold_lr)",
+    )
+    delta_init_std: float = setting(
+        0.0, at_least=0.0, why=" (0 = start exactly at the foundation)",
+        help="delta starts at randn * this (0: exactly the foundation at step 0; the paper's code: 1e-2)",
+    )
+    straight_through: bool = setting(
+        True,
+        help="True: straight-through delta gradient through the threshold (no dead zone); False: the exact "
+        "soft-threshold gradient, zero where |delta| <= threshold (the paper's code)",
+    )
+    threshold_scale: str = setting(
+        "absolute", choices=THRESHOLD_SCALES,
+        help="'absolute': thresholds in weight units (the paper); 'relative': as a fraction of each tensor's rms",
+    )
+    budget: Optional[float] = setting(
+        None, above=0.0, below=1.0,
+        message="{flag} is the share of weights allowed to change, in {interval} (e.g. 0.05); got {value}",
+        help="share of the foundation's weights allowed to change (e.g. 0.05): a global cut keeps at most that "
+        "many entries non-zero at every step, whatever the task or run length (replaces lambda_tau)",
+    )
+    retrain_support: bool = setting(
+        False,
+        help="True: when MACE's stage two (--swa) starts, fix which delta entries may move and retrain them "
+        "without a threshold (removes the soft threshold's shrinkage)",
+    )
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
@@ -94,43 +142,7 @@ class SparseConfig:
 
     def validate(self) -> None:
         """Raise :class:`SparseConfigError` with a one-line message for any setting out of range."""
-        if not 0.0 < float(self.init_threshold) < 1.0:
-            raise SparseConfigError(
-                f"--sparse_init_threshold must lie in (0, 1) (δ = sigmoid(score)); got {self.init_threshold}"
-            )
-        if self.threshold_lr is not None and not float(self.threshold_lr) > 0.0:
-            raise SparseConfigError(
-                f"--sparse_threshold_lr must be > 0; got {self.threshold_lr}"
-            )
-        if not float(self.threshold_weight_decay) >= 0.0:
-            raise SparseConfigError(
-                f"--sparse_threshold_weight_decay (λ_τ) must be >= 0; got {self.threshold_weight_decay}"
-            )
-        if not float(self.delta_eps) >= 0.0:
-            raise SparseConfigError(f"--sparse_delta_eps must be >= 0 (0 = plain Adam); got {self.delta_eps}")
-        if not float(self.delta_lr_factor) > 0.0:
-            raise SparseConfigError(
-                f"--sparse_delta_lr_factor must be > 0 (ΔW lr = factor × --lr); got {self.delta_lr_factor}"
-            )
-        if not float(self.delta_init_std) >= 0.0:
-            raise SparseConfigError(
-                f"--sparse_delta_init_std must be >= 0 (0 = start exactly at the foundation); got {self.delta_init_std}"
-            )
-        if not isinstance(self.straight_through, bool):
-            raise SparseConfigError(f"--sparse_straight_through must be True or False; got {self.straight_through!r}")
-        if self.threshold_scale not in THRESHOLD_SCALES:
-            raise SparseConfigError(
-                f"--sparse_threshold_scale must be one of {', '.join(THRESHOLD_SCALES)}; got {self.threshold_scale!r}"
-            )
-        if self.budget is not None and not 0.0 < float(self.budget) < 1.0:
-            raise SparseConfigError(
-                f"--sparse_budget is the share of weights allowed to change, in (0, 1) (e.g. 0.05); got {self.budget}"
-            )
-        if self.granularity not in GRANULARITIES:
-            raise SparseConfigError(
-                f"--sparse_threshold_granularity must be one of {', '.join(GRANULARITIES)}; "
-                f"got {self.granularity!r}"
-            )
+        check_settings(self, SparseConfigError)
 
     def to_dict(self) -> dict:
         """JSON-friendly view, written into logs and delta-file metadata."""

@@ -117,7 +117,7 @@ def double_batch(atoms_list, model):
     return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
 
 
-#: the bundled CHGNet-labelled magnetic oxide cells (see mace_sparse/data/magnetic_oxides)
+#: the bundled CHGNet-labelled magnetic oxide cells (mace_sparse/data/magnetic_oxides, made by harness.data.magnetic_oxides)
 OXIDE_FILE = Path(__file__).resolve().parent.parent / "mace_sparse" / "data" / "magnetic_oxides" / "train.xyz"
 
 

@@ -119,7 +119,7 @@ def test_bad_input_fails_early_with_one_clear_line(results, name):
 def run_train_module():
     import mace.cli.run_train as run_train
 
-    from mace_sparse.integration.mace_patches import install
+    from mace_sparse.integration.entry import install
 
     install(run_train)  # what the start-up hook does on this import (idempotent)
     return run_train
@@ -154,7 +154,7 @@ def test_validator_accepts_good_input_and_rejects_more_values(tiny_foundation, t
     """The same checks in-process: good input passes (nothing checked for plain MACE runs), more bad values fail."""
     import shutil
 
-    from mace_sparse.integration.mace_patches import validate_sparse_args
+    from mace_sparse.integration.validation import validate_sparse_args
 
     monkeypatch.chdir(tmp_path)  # the output-dir checks probe the work dir (and leave nothing there)
     model = tmp_path / "f.model"
@@ -177,19 +177,19 @@ def test_validator_accepts_good_input_and_rejects_more_values(tiny_foundation, t
 
 def test_mace_version_guard(monkeypatch):
     from mace_sparse.config import SparseConfigError
-    from mace_sparse.integration import mace_patches
+    from mace_sparse.integration import validation
 
-    mace_patches.check_mace_version()  # the installed, tested release passes
+    validation.check_mace_version()  # the installed, tested release passes
     monkeypatch.setattr(mace, "__version__", "0.3.99")
     with pytest.raises(SparseConfigError) as info:
-        mace_patches.check_mace_version()
+        validation.check_mace_version()
     message = str(info.value)
     assert "0.3.99 is installed" in message
     assert "tested with mace-torch 0.3.16" in message
     assert "pip install 'mace-torch==0.3.16'" in message
     assert "\n" not in message
     # the run-time validator turns it into the one-line exit
-    from mace_sparse.integration.mace_patches import validate_sparse_args
+    from mace_sparse.integration.validation import validate_sparse_args
 
     args = _parser().parse_args(BASE + ["--finetune_method", "sparse_str", "--foundation_model", "x.model"])
     with pytest.raises(SystemExit) as exit_info:

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from mace_sparse.benchmarks import bench_methods, bench_table
-from mace_sparse.benchmarks.bench_tasks import BenchCase
+from harness.experiments import methods as bench_methods
+from harness.experiments.tasks import BenchCase
+from harness.pipeline import table as bench_table
 
 
 def _run(method, seed, target, source, changed, **extra):
@@ -209,7 +210,7 @@ def test_bench_end_to_end(tmp_path, tiny_foundation, emt_data):
 
 
 def test_plan_adds_an_lr0_reference_only_without_sparse_runs(tmp_path):
-    from mace_sparse.benchmarks.bench_runner import BenchOptions, _plan
+    from harness.pipeline.runner import BenchOptions, _plan
 
     def plan(names):
         options = BenchOptions(methods=bench_methods.select_methods(names), seeds=[0, 1],
@@ -226,7 +227,7 @@ def test_plan_adds_an_lr0_reference_only_without_sparse_runs(tmp_path):
 
 
 def test_epoch_time_from_mace_log():
-    from mace_sparse.benchmarks.bench_train import median_epoch_seconds
+    from harness.pipeline.train import median_epoch_seconds
 
     log = "\n".join([
         "2026-11-23 07:55:24.709 INFO: Training set 1/1",
@@ -240,12 +241,13 @@ def test_epoch_time_from_mace_log():
 
 
 def test_finished_run_is_reused_and_changed_arguments_rerun(tmp_path, monkeypatch):
-    from mace_sparse.benchmarks import bench_train
+    from harness.pipeline import train as bench_train
+    from mace_sparse import training
 
     script = tmp_path / "fake_train"
     script.write_text("#!/bin/sh\necho run >> calls.txt\ntouch model.model\n")
     script.chmod(0o755)
-    monkeypatch.setattr(bench_train, "mace_run_train_executable", lambda: str(script))
+    monkeypatch.setattr(training, "mace_run_train_executable", lambda: str(script))
     run_dir = tmp_path / "run"
     first = bench_train.run_training(["--seed", "0"], run_dir)
     again = bench_train.run_training(["--seed", "0"], run_dir)
@@ -256,7 +258,7 @@ def test_finished_run_is_reused_and_changed_arguments_rerun(tmp_path, monkeypatc
 
 
 def test_rmd17_cases_follow_the_expected_file_names(tmp_path):
-    from mace_sparse.benchmarks.bench_tasks import build_task, select_cases
+    from harness.experiments.tasks import build_task, select_cases
 
     (tmp_path / "organic.model").write_bytes(b"")
     task = build_task("rmd17", tmp_path / "organic.model", tmp_path, data_dir=tmp_path / "rmd17")
@@ -272,3 +274,27 @@ def test_rmd17_cases_follow_the_expected_file_names(tmp_path):
     assert inorganic.train_file.parts[-2:] == ("magnetic_oxides", "train.xyz") and inorganic.e0s == "foundation"
     magnetic = build_task("magnetic", tmp_path / "inorganic.model", tmp_path).cases[0]
     assert "--magmom_weight" in magnetic.extra_flags
+
+
+@pytest.mark.slow
+def test_calibrate_runs_every_setting_through_mace_run_train(tmp_path, tiny_foundation):
+    """``mace_sparse calibrate`` is an experiment of the benchmark's runner: every setting is a real
+    ``mace_run_train`` run, scored on held-out slabs and bulk cells, with sparse_str's own unchanged share."""
+    from harness.experiments.calibration import DEFAULT_VARIANTS
+    from mace_sparse.cli import main
+
+    out, report_path = tmp_path / "calib", tmp_path / "calibration.json"
+    code = main(["calibrate", "--foundation_model", str(tiny_foundation), "--seeds", "0", "--epochs", "1",
+                 "--out", str(out), "--json", str(report_path), "--markdown", str(tmp_path / "calibration.md")])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert [row["setting"] for row in report["table"]] == [label for _, label, _ in DEFAULT_VARIANTS]
+    assert math.isfinite(report["zero_shot"]["target"]) and math.isfinite(report["zero_shot"]["source"])
+    runs = {r["label"]: r for r in report["runs"]}
+    assert runs["full fine-tuning"]["unchanged_fraction"] is None
+    assert all(0.0 < r["unchanged_fraction"] < 1.0 for label, r in runs.items() if label != "full fine-tuning")
+    assert report["table"][0]["target_ratio_to_full"] == pytest.approx(1.0)
+    for name, _, _ in DEFAULT_VARIANTS:  # each one a real run folder with its command line
+        log = (out / "runs" / "standin__emt-slabs" / f"{name}_seed0" / "command.log").read_text()
+        assert log.startswith("$ ") and "mace_run_train" in log.splitlines()[0]
+    assert "| setting |" in (tmp_path / "calibration.md").read_text()

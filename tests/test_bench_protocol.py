@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from mace_sparse.benchmarks import bench_curve, bench_methods
-from mace_sparse.benchmarks.bench_tasks import BenchCase
+from harness.experiments import methods as bench_methods
+from harness.experiments.tasks import BenchCase
+from harness.pipeline import curve as bench_curve
 
 LOG = "\n".join([
     "2026-12-01 10:00:00.000 INFO: Initial: head: Default, loss=9.0, MAE_E_per_atom= 50.0 meV, MAE_F= 300.0 meV / A",
@@ -63,7 +64,7 @@ def test_protocol_flags_reach_mace_parser():
 def test_pool_split_keeps_validation_apart(tmp_path, emt_data):
     import ase.io
 
-    from mace_sparse.benchmarks.bench_runner import split_files
+    from harness.pipeline.splits import split_files
 
     pool = ase.io.read(emt_data["slab_train"], ":")
     case = BenchCase(task="t", label="t/x", foundation=emt_data["slab_train"], train_file=emt_data["slab_train"],
@@ -80,8 +81,8 @@ def test_pool_split_keeps_validation_apart(tmp_path, emt_data):
 
 
 def test_lr_chosen_per_method_on_validation(tmp_path):
-    from mace_sparse.benchmarks.bench_runner import BenchOptions, _select_lrs, _tuning_plan
-    from mace_sparse.benchmarks.bench_train import TrainOutput
+    from harness.pipeline.runner import BenchOptions, _select_lrs, _tuning_plan
+    from harness.pipeline.train import TrainOutput
 
     options = BenchOptions(methods=bench_methods.select_methods(["full", "sparse_str-H-all"]), seeds=[0, 1],
                            settings=bench_methods.TrainSettings(epochs=5, patience=2), out=tmp_path,
@@ -103,7 +104,7 @@ def test_lr_chosen_per_method_on_validation(tmp_path):
 
 
 def test_figures_written(tmp_path):
-    from mace_sparse.benchmarks.bench_plots import write_plots
+    from harness.pipeline.plots import write_plots
 
     curve = bench_curve.parse_curve(LOG)
     runs = [{"method": "zero-shot", "changed_percent": 0.0, "target_force_mae": 90.0}]
@@ -119,7 +120,7 @@ def test_figures_written(tmp_path):
 
 
 def test_benchmark_scale_tasks_point_at_their_foundations_and_validation(tmp_path):
-    from mace_sparse.benchmarks.bench_tasks import RMD17_VALID_DIR, build_task
+    from harness.experiments.tasks import RMD17_VALID_DIR, build_task
 
     rmd = build_task("rmd17-s", tmp_path / "organic-s.model", tmp_path)
     assert [c.label for c in rmd.cases] == ["rmd17-s/aspirin/N=50", "rmd17-s/aspirin/N=200",
@@ -135,7 +136,7 @@ def test_rmd17_validation_frames_are_new_frames_of_the_same_molecule():
     import ase.io
     import numpy as np
 
-    from mace_sparse.benchmarks.bench_tasks import DATA_DIR, RMD17_VALID_DIR
+    from harness.experiments.tasks import DATA_DIR, RMD17_VALID_DIR
 
     for mol in ("aspirin", "malonaldehyde"):
         valid = ase.io.read(RMD17_VALID_DIR / f"{mol}_valid.xyz", ":")
@@ -149,7 +150,7 @@ def test_rmd17_validation_frames_are_new_frames_of_the_same_molecule():
 @pytest.mark.slow
 def test_early_stop_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, tiny_foundation, emt_data):
     """lr 0: the validation loss never improves after epoch 0, so patience 2 ends the run at epoch 2 of 50."""
-    from mace_sparse.benchmarks.bench_train import run_training
+    from harness.pipeline.train import run_training
 
     case = BenchCase(task="t", label="t/x", foundation=tiny_foundation, train_file=emt_data["slab_train"],
                      test_file=emt_data["slab_test"], source_test_file=emt_data["bulk_test"], valid_fraction=0.2)
@@ -195,7 +196,7 @@ def test_bench_with_lr_grid_early_stop_and_ema_end_to_end(tmp_path, tiny_foundat
 
 
 def test_watcher_waits_for_the_final_stop_and_finds_the_checkpoint_to_finish_from(tmp_path):
-    from mace_sparse.benchmarks.bench_train import _final_stop, latest_checkpoint_epoch
+    from harness.pipeline.train import _final_stop, latest_checkpoint_epoch
 
     marker = bench_curve.STOP_LINE.encode()
     stage = b"x INFO: Stopping optimization after 3 epochs without improvement and starting Stage Two\n"
@@ -234,7 +235,7 @@ def test_stage_two_methods_continue_with_stage_one_settings():
 def test_retrain_method_stops_in_stage_two_and_scores_the_stage_two_model(tmp_path, tiny_foundation, emt_data):
     """Stage one stops at patience, MACE jumps to stage two (the support is fixed), which stops at patience too;
     the stage-two model and delta are what the run returns."""
-    from mace_sparse.benchmarks.bench_train import run_training
+    from harness.pipeline.train import run_training
 
     case = BenchCase(task="t", label="t/x", foundation=tiny_foundation, train_file=emt_data["slab_train"],
                      test_file=emt_data["slab_test"], source_test_file=emt_data["bulk_test"], valid_fraction=0.2)

@@ -1,7 +1,7 @@
 """Multi-process CPU training: ``torchrun --nproc_per_node 2 mace_run_train ... --distributed`` with gloo.
 
 MACE 0.3.16 sets up distributed runs for cuda and xpu only; the plugin's distributed-on-CPU patches
-(``mace_sparse.integration.mace_patches.cpu_distributed_patches``) make the same command work on CPU. Two real
+(``mace_sparse.integration.distributed.cpu_distributed_patches``) make the same command work on CPU. Two real
 2-process runs of the console script on the tiny fixtures, one after the other (2 processes each, one torch
 thread each): ``--finetune-method sparse_str`` and plain full fine-tuning.
 
@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from conftest import COMMON_ARGS
-from mace_sparse.integration.mace_patches import (
+from mace_sparse.integration.distributed import (
     RANK_DIGEST_ENV,
     cpu_distributed_patches,
     needs_cpu_distributed_patches,

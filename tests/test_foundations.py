@@ -10,7 +10,7 @@ import torch
 
 import mace  # noqa: F401  (before e3nn)
 from mace_sparse import foundations
-from mace_sparse.foundations.evaluate import errors
+from harness.pipeline.evaluate import errors
 
 ELEMENTS = {"organic": {1, 6, 7, 8}, "inorganic": {13, 29, 28, 26, 27, 25, 8}}
 DATA = {name: foundations._HERE.parent / "data" / name / "test.xyz" for name in foundations.NAMES}
@@ -71,7 +71,7 @@ def test_mace_run_train_resolves_bundled_names(tmp_path):
     """``--foundation_model mace_sparse:<name>`` reaches MACE as the bundled file; a wrong name is one line."""
     from types import SimpleNamespace
 
-    from mace_sparse.integration.mace_patches import resolve_bundled_foundation
+    from mace_sparse.integration.validation import resolve_bundled_foundation
 
     args = SimpleNamespace(foundation_model="mace_sparse:inorganic")
     resolve_bundled_foundation(args)

@@ -85,7 +85,7 @@ def not_models(tmp_path_factory) -> dict:
 def run_train_module():
     import mace.cli.run_train as run_train
 
-    from mace_sparse.integration.mace_patches import install
+    from mace_sparse.integration.entry import install
 
     install(run_train)
     return run_train
@@ -225,7 +225,7 @@ def test_good_input_passes_every_check_and_writes_nothing(tiny_foundation, emt_d
     from mace.tools.arg_parser import build_default_arg_parser
 
     from mace_sparse.integration.arguments import add_sparse_arguments
-    from mace_sparse.integration.mace_patches import validate_sparse_args
+    from mace_sparse.integration.validation import validate_sparse_args
 
     monkeypatch.chdir(tmp_path)
     parser = add_sparse_arguments(build_default_arg_parser())

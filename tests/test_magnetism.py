@@ -2,7 +2,7 @@
 ``_magnetic.model`` through the ASE calculator and ``mace_sparse predict``, and bad moment labels.
 
 Moments are CHGNet predictions for distorted rocksalt oxides: the first frames of the bundled set made by
-``python -m mace_sparse.data.magnetic_oxides``.
+``python -m harness.data.magnetic_oxides``.
 """
 
 from __future__ import annotations
@@ -305,3 +305,26 @@ def test_offsets_start_each_element_at_its_mean_training_moment(oxide_foundation
     atoms = frames[0]
     out = model(double_batch([atoms], model), training=False, compute_force=False)["magmoms"].detach().numpy()
     np.testing.assert_allclose(out, [means[int(z)] for z in atoms.numbers], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_magnetic_runs_through_the_benchmark_runner(tmp_path, oxide_files, oxide_foundation):
+    """``mace_sparse bench-magnetic`` with and without the head: the same runner, evaluator and report format."""
+    import json
+
+    from mace_sparse.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench-magnetic", "--foundation_model", str(oxide_foundation),
+                 "--train_file", str(oxide_files["train"]), "--test_file", str(oxide_files["test"]), "--epochs", "2", "--seeds", "0", "--variants",
+                 "sparse_str + head", "sparse_str, no head", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench_magnetic.json").read_text())
+    assert set(report["runs"]) == {"sparse_str + head", "sparse_str, no head"}
+    head, plain = report["runs"]["sparse_str + head"][0], report["runs"]["sparse_str, no head"][0]
+    assert np.isfinite(head["magmom_mae_mub"]) and "magmom_mae_mub" not in plain
+    for scores in (head, plain):
+        assert np.isfinite(scores["force_mae_mev_per_a"]) and 0.0 <= scores["unchanged_adapted"] <= 1.0
+    assert report["summary"]["sparse_str + head"]["magmom_mae_mub"]["std"] == 0.0
+    text = (out / "bench_magnetic.md").read_text()
+    assert "| sparse_str + head |" in text and "moment MAE" in text

@@ -1,7 +1,7 @@
 """The threshold scores' optimizer group: its lr, the decoupled λ_τ decay, and MACE's lr schedulers / SWALR.
 
 Param groups are built the way ``mace_run_train`` builds them: MACE's own ``get_params_options`` /
-``get_optimizer`` / ``LRScheduler`` / ``get_swa`` with the patches of ``mace_patches.sparse_run_patches`` active.
+``get_optimizer`` / ``LRScheduler`` / ``get_swa`` with the patches of ``seams.sparse_run_patches`` active.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from mace_sparse import optim
 from mace_sparse.config import SparseConfig, SparseConfigError
 from mace_sparse.integration.arguments import add_sparse_arguments, sparse_config_from_args
-from mace_sparse.integration.mace_patches import sparse_run_patches
+from mace_sparse.integration.seams import sparse_run_patches
 from mace_sparse.sparse_model import delta_parameters, get_sparse_model, threshold_parameters
 
 MACE_GROUPS = ["embedding", "interactions_decay", "interactions_no_decay", "products", "readouts"]

@@ -35,6 +35,13 @@ def test_startup_hook_imports_nothing_heavy():
     assert loaded == {"torch": False, "mace": False, "mace_sparse._bootstrap": True}
 
 
+def test_startup_hook_loads_only_the_off_switch():
+    """At start-up the package contributes the hook and the leaf it reads ``MACE_SPARSE_DISABLE`` from, no more."""
+    code = "import json, sys\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('mace_sparse'))))\n"
+    assert json.loads(_python(code)) == ["mace_sparse", "mace_sparse._bootstrap", "mace_sparse.integration",
+                                         "mace_sparse.integration.state"]
+
+
 def test_flags_appear_in_mace_parser_when_run_train_is_imported():
     options = json.loads(_python(PARSER_PROBE))
     for name in ("finetune_method", "sparse_targets", "sparse_init_threshold", "sparse_threshold_lr",

@@ -23,7 +23,7 @@ from mace_sparse.config import SparseConfig
 def run_train_module():
     import mace.cli.run_train as run_train
 
-    from mace_sparse.integration.mace_patches import install
+    from mace_sparse.integration.entry import install
 
     install(run_train)
     return run_train
@@ -95,7 +95,7 @@ def test_e0_mismatch_is_refused_before_training(run_train_module, tiny_foundatio
 
 
 def test_fitted_or_matching_e0s_pass_the_check(tiny_foundation, shifted_data, tmp_path, monkeypatch):
-    from mace_sparse.integration.mace_patches import validate_run_args
+    from mace_sparse.integration.validation import validate_run_args
 
     args = base_args(tiny_foundation, shifted_data["shifted"])
     args[args.index("foundation")] = "average"  # fitted to the data by MACE: any reference is fine
@@ -139,7 +139,7 @@ def test_sparse_flags_without_sparse_str_are_refused(run_train_module, tiny_foun
 
 def test_conflicting_yaml_spellings_are_refused_and_a_yaml_list_is_accepted(run_train_module, tiny_foundation,
                                                                              emt_data, tmp_path, monkeypatch):
-    from mace_sparse.integration.mace_patches import validate_run_args
+    from mace_sparse.integration.validation import validate_run_args
 
     config = tmp_path / "config.yaml"
     config.write_text("sparse_threshold_weight_decay: 2.5\nsparse-threshold-weight-decay: 0.5\n")
@@ -169,20 +169,19 @@ def test_a_directory_at_a_promised_output_is_refused_before_training(run_train_m
 def test_a_delta_that_fails_at_save_time_fails_the_run(monkeypatch):
     """Should a promised output still fail to be written (the disk fills during training), the failure is kept
     and the run exits non-zero with that line after MACE's own saves (it was only logged before)."""
-    from mace_sparse.artifacts import run_outputs
     from mace_sparse.integration import run_hooks
 
     def no_space(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_outputs, "write_run_artifacts", no_space)
+    monkeypatch.setattr(run_hooks, "write_run_artifacts", no_space)  # artifacts.run_outputs' writer, as bound there
     line = run_hooks._write_sparse_artifacts(None, None, ".", "ft")
     assert line.startswith("the run finished but could not write the sparse delta / sparsity report of ft "
                            "([Errno 28] No space left on device)"), line
     # the wrapped run() exits with that line once MACE's run() has returned (its own saves done)
     import types
 
-    from mace_sparse.integration import mace_patches
+    from mace_sparse.integration import entry
 
     hooks = run_hooks.FineTuneHooks(None, None, None)
     calls = []
@@ -192,9 +191,9 @@ def test_a_delta_that_fails_at_save_time_fails_the_run(monkeypatch):
         hooks.failures.append(line)  # what before_save records when the delta cannot be written
 
     fake = types.SimpleNamespace(_mace_sparse_original_run=mace_run)
-    monkeypatch.setattr(mace_patches, "validate_run_args", lambda args: hooks)
+    monkeypatch.setattr(entry, "validate_run_args", lambda args: hooks)
     with pytest.raises(SystemExit) as info:
-        mace_patches._patched_run(fake)(types.SimpleNamespace(distributed=False))
+        entry._patched_run(fake)(types.SimpleNamespace(distributed=False))
     assert calls and info.value.code == PREFIX + line
 
 

@@ -81,15 +81,15 @@ PROBE = """
 import json
 import mace.cli.run_train as rt, mace.tools
 from mace.tools import plugins
-from mace_sparse.integration import mace_patches
+from mace_sparse.integration import entry, state
 
 def flags():
     parser = mace.tools.build_default_arg_parser()
     return [o for a in parser._actions for o in a.option_strings if o == "--finetune_method"]
 
-out = {"mace": mace.__file__, "disabled_flags": flags(), "disabled_mode": mace_patches.wiring_mode()}
-mace_patches.install(rt)  # what mace_sparse_train does
-out.update(mode=mace_patches.wiring_mode(), flags=flags(), plugins=[type(x).__name__ for x in plugins.load_plugins()])
+out = {"mace": mace.__file__, "disabled_flags": flags(), "disabled_mode": state.wiring_mode()}
+entry.install(rt)  # what mace_sparse_train does
+out.update(mode=state.wiring_mode(), flags=flags(), plugins=[type(x).__name__ for x in plugins.load_plugins()])
 print(json.dumps(out))
 """
 

@@ -1,7 +1,7 @@
 """Source domain of the benchmark foundation ``inorganic-s``: ≥ 2,000 CHGNet-labelled Al/Cu/Ni/Fe/Co/Mn/O cells.
 
 The same kinds of cell as the bundled ``inorganic`` set (bulk, strained, rattled, vacancy and (001) surface
-cells of six metals and four rocksalt monoxides, 8–24 atoms; ``mace_sparse.data.inorganic_data`` builds them),
+cells of six metals and four rocksalt monoxides, 8–24 atoms; ``harness.data.inorganic_data`` builds them),
 drawn with another seed and six times as many per material, so that a MACE-MP-0-small-sized model can be
 pretrained to convergence. Labels: CHGNet (a surrogate of Materials Project PBE/PBE+U): energy, forces, stress
 and unsigned moments (``REF_magmoms``, not trained on).
@@ -28,9 +28,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Label every cell (resuming from ``partial/``), then write ``train.xyz`` and ``test.xyz``."""
     import ase.io
 
-    from mace_sparse.data._chgnet_label import label_all
-    from mace_sparse.data._split import split, write_train_test
-    from mace_sparse.data.inorganic_data import configs
+    from harness.data._chgnet_label import label_all
+    from harness.data._split import split, write_train_test
+    from harness.data.inorganic_data import configs
 
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0]) if argv else DEFAULT_DIR

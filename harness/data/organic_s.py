@@ -40,15 +40,15 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "organic_s"
 
 def molecules() -> List:
     """(name, atoms) of every source molecule, in a fixed order."""
-    from mace_sparse.data.organic_data import molecules as g2_s22
-    from mace_sparse.data.rmd17_like import geometry
+    from harness.data.organic_data import molecules as g2_s22
+    from harness.data.rmd17_like import geometry
 
     return [*g2_s22(), *((name, geometry(name)) for name in ("aspirin", "malonaldehyde", "paracetamol"))]
 
 
 def molecule_frames(name: str, atoms, seed: int) -> List:
     """All labelled frames of one molecule: MD at each temperature, then rattled copies."""
-    from mace_sparse.data._xtb_sampling import label, md_frames
+    from harness.data._xtb_sampling import label, md_frames
 
     rng = np.random.default_rng(seed)
     atoms = atoms.copy()
@@ -70,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Label every molecule (resuming from ``partial/``), then write ``train.xyz`` and ``test.xyz``."""
     import ase.io
 
-    from mace_sparse.data._split import split, write_train_test
+    from harness.data._split import split, write_train_test
 
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0]) if argv else DEFAULT_DIR

@@ -4,7 +4,7 @@ The bundled ``mace_sparse/data/rmd17_like/<molecule>_train.xyz`` holds 200 frame
 all) and ``<molecule>_test.xyz`` the 50 frames that end the same trajectory. Validation frames, which pick the
 learning rate, the best epoch and the early stop, must come from neither, so they are drawn here from an
 independent trajectory of the same molecule under the same protocol as the training pool (GFN1-xTB Langevin MD
-at 500 K, 0.5 fs, 200 steps of equilibration, a frame every 10 steps; ``mace_sparse.data.rmd17_like``), with its
+at 500 K, 0.5 fs, 200 steps of equilibration, a frame every 10 steps; ``harness.data.rmd17_like``), with its
 own seed.
 
 Run ``python -m harness.data.rmd17_valid [OUT_DIR]`` (default ``harness/data/rmd17_valid``): writes
@@ -25,8 +25,8 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "rmd17_valid"
 def main(argv: Optional[List[str]] = None) -> Dict[str, Path]:
     import ase.io
 
-    from mace_sparse.data._xtb_sampling import md_frames
-    from mace_sparse.data.rmd17_like import EVERY, METHOD, MOLECULES, geometry
+    from harness.data._xtb_sampling import md_frames
+    from harness.data.rmd17_like import EVERY, METHOD, MOLECULES, geometry
 
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0]) if argv else DEFAULT_DIR

@@ -27,6 +27,9 @@ import re
 import struct
 from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Tuple
 
+from .index_codec import ENCODINGS as INDEX_ENCODINGS
+from .index_codec import GAP_WIDTHS
+
 FORMAT = "mace-sparse-delta"
 #: 1: ``new.<dtype>``/``old.<dtype>`` value arrays (never released); 2: one compressed XOR stream per dtype.
 FORMAT_VERSION = "2"
@@ -51,8 +54,6 @@ STREAM_COLUMNS = ("tensor", "codec", "dtype", "count", "width")
 #: Bytes per element of the dtypes a state dict may hold (kept here so that validation needs no torch).
 DTYPE_WIDTHS = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
                 "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
-INDEX_ENCODINGS = ("all", "bitmask", "gap_u8", "gap_u16", "gap_u32")
-_GAP_WIDTH = {"gap_u8": 1, "gap_u16": 2, "gap_u32": 4}
 #: Largest header accepted. A MACE-MP-medium-sized delta has a header below 1 MB; safetensors itself allows 100 MB,
 #: which parsed into Python objects could take gigabytes.
 MAX_HEADER_BYTES = 16 << 20
@@ -296,7 +297,7 @@ def _check_entries(meta: Dict[str, Any], streams: Mapping[str, Dict], check: _Ch
         if row["encoding"] not in INDEX_ENCODINGS or not isinstance(row["parameter"], bool):
             check.fail(f"{at}: unknown index encoding {row['encoding']!r} or non-boolean parameter flag")
         count = check.int(row["count"], f"{at} count", 1, numel)
-        expected = {"all": 0, "bitmask": (numel + 7) // 8}.get(row["encoding"], count * _GAP_WIDTH.get(row["encoding"], 0))
+        expected = {"all": 0, "bitmask": (numel + 7) // 8}.get(row["encoding"], count * GAP_WIDTHS.get(row["encoding"], 0))
         if row["encoding"] == "all" and count != numel:
             check.fail(f"{at}: encoding 'all' with {count} of {numel} entries")
         if check.int(row["index_bytes"], f"{at} index_bytes") != expected:

@@ -22,6 +22,8 @@ import numpy as np
 
 ENCODINGS = ("all", "bitmask", "gap_u8", "gap_u16", "gap_u32")
 _GAP_DTYPES = {"gap_u8": "<u1", "gap_u16": "<u2", "gap_u32": "<u4"}
+#: Bytes per stored gap of each ``gap_*`` encoding (what :mod:`.delta_schema` checks index sizes with).
+GAP_WIDTHS = {name: np.dtype(dtype).itemsize for name, dtype in _GAP_DTYPES.items()}
 
 
 class IndexCodecError(ValueError):

@@ -1,6 +1,6 @@
 """The files a ``mace_run_train --finetune-method sparse_str`` run writes next to ``<name>.model``.
 
-Called from the patched save-time ``deepcopy`` (:mod:`mace_sparse.integration.mace_patches`) with the same
+Called from the patched save-time ``deepcopy`` (:mod:`mace_sparse.integration.seams`) with the same
 API a Python user has (:func:`build_delta`, :func:`write_delta`), so a run's delta and a hand-made one are
 the same thing.
 """
@@ -13,7 +13,8 @@ from typing import Tuple
 import torch
 
 from .atomic import PathLike
-from .delta_file import build_delta, write_delta
+from .delta_diff import build_delta
+from .delta_format import write_delta
 from .report import report_data, write_sparsity_json
 
 DELTA_SUFFIX = "_sparse_delta.safetensors"

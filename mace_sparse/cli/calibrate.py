@@ -1,40 +1,20 @@
-"""``mace_sparse calibrate``: the settings sweep behind the defaults (see ``mace_sparse.benchmarks.calibration``)."""
+"""``mace_sparse calibrate``: implemented by the repository's harness (``harness.cli.calibrate``); this shim hands the
+command over from a checkout and, in an installed wheel, exits 2 naming the fix (:mod:`.harness_shim`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+from typing import Any
+
+from . import harness_shim
+
+HELP = "sweep sparse_str settings against full fine-tuning on bundled EMT data"
+MODULE = "harness.cli.calibrate"
 
 
-def add_parser(subparsers, name: str) -> None:
-    p = subparsers.add_parser(name, help="sweep sparse_str settings against full fine-tuning on bundled EMT data")
-    p.add_argument("--foundation_model", default=None, help="MACE .model to fine-tune (default: pretrain one)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--quick", action="store_true", help="1 seed, 5 epochs: a smoke run, not evidence")
-    p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
-    p.add_argument("--markdown", dest="markdown_path", default=None,
-                   help="also write the table (with the command and date) as markdown here")
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    return harness_shim.add_parser(MODULE, subparsers, name, HELP)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmarks.calibration import markdown_table, run_calibration
-
-    from .progress import setup_progress_logging
-
-    setup_progress_logging()  # per-epoch lines on stderr; stdout keeps the table
-    seeds, epochs = (args.seeds, args.epochs) if not args.quick else ([0], 5)
-    report = run_calibration(args.foundation_model, seeds=seeds, epochs=epochs)
-    table = markdown_table(report)
-    print(table)
-    if args.markdown_path:
-        import datetime
-        import sys
-
-        command = "mace_sparse " + " ".join(sys.argv[1:]) if sys.argv[1:] else "mace_sparse calibrate"
-        stamp = datetime.date.today().isoformat()
-        Path(args.markdown_path).write_text(f"Measured {stamp} with `{command}`.\n\n{table}\n")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=2))
-    return 0
+    return harness_shim.run(MODULE, "calibrate", args)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import List
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "emt"
+from ..data import path as data_path
+from ..training import log_tail, mace_run_train_executable, run_mace_train
+
+DATA_DIR = data_path("emt")
 
 FOUNDATION_FLAGS = [
     "--model", "MACE", "--num_channels", "16", "--max_L", "1", "--r_max", "4.0", "--num_radial_basis", "8",
@@ -45,33 +47,26 @@ def add_parser(subparsers, name: str) -> None:
 _ECHO = (" INFO: Epoch ", " ERROR: ", "Saved sparse delta", "mace_run_train: error:")
 
 
-def _run(cmd: List[str], cwd: Path) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    log = cwd / "command.log"
-    with open(log, "a") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            if any(marker in line for marker in _ECHO):
-                sys.stderr.write(line)
-                sys.stderr.flush()
-        proc.wait()
-    if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise RuntimeError(f"command failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
+def _echo(line: str) -> bool:
+    """``on_line`` of :func:`mace_sparse.training.run_mace_train`: show MACE's progress lines; never stop."""
+    if any(marker in line for marker in _ECHO):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    return False
 
 
-def _mace_run_train() -> str:
-    from ..benchmarks.bench_train import mace_run_train_executable
-
-    return mace_run_train_executable()
+def _run(args: List[str], cwd: Path) -> None:
+    """One step: ``mace_run_train ARGS`` in ``cwd``, its command printed, console output in ``command.log``."""
+    print("$ " + " ".join([mace_run_train_executable(), *args]), flush=True)
+    run = run_mace_train(args, cwd, append=True, on_line=_echo)
+    if run.returncode != 0:
+        raise RuntimeError(f"command failed (exit {run.returncode}); last lines of {run.log}:\n"
+                           + log_tail(run.log, 15))
 
 
 def run(args: argparse.Namespace) -> int:
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    exe = _mace_run_train()
     foundation = args.foundation_model
     if foundation is None:
         pre = work / "foundation"
@@ -79,14 +74,14 @@ def run(args: argparse.Namespace) -> int:
         flags = list(FOUNDATION_FLAGS)
         flags[flags.index("--max_num_epochs") + 1] = str(args.foundation_epochs)
         print("[1/2] pretraining a small stand-in foundation on EMT bulk cells", flush=True)
-        _run([exe, "--name", "foundation", "--train_file", str(DATA_DIR / "bulk_train.xyz"),
+        _run(["--name", "foundation", "--train_file", str(DATA_DIR / "bulk_train.xyz"),
               "--valid_fraction", "0.15", "--test_file", str(DATA_DIR / "bulk_test.xyz"),
               *flags, *COMMON_FLAGS], cwd=pre)
         foundation = str(pre / "foundation.model")
     fine = work / "sparse_finetune"
     fine.mkdir(exist_ok=True)
     print("[2/2] sparse fine-tuning on EMT surface slabs (--finetune-method sparse_str)", flush=True)
-    _run([exe, "--name", "sparse_slab", "--foundation_model", foundation,
+    _run(["--name", "sparse_slab", "--foundation_model", foundation,
           "--train_file", str(DATA_DIR / "slab_train.xyz"), "--valid_fraction", "0.2",
           "--test_file", str(DATA_DIR / "slab_test.xyz"), "--E0s", "foundation",
           "--multiheads_finetuning", "False", "--max_num_epochs", str(args.max_num_epochs),

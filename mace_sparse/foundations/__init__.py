@@ -1,9 +1,9 @@
 """Small MACE foundations bundled with the package, for machines that cannot download MACE-MP or MACE-OFF.
 
-``organic`` (H, C, N, O; GFN2-xTB labels) and ``inorganic`` (Al, Cu, Ni, Fe, Co, Mn, O; CHGNet labels) were
-pretrained with the real ``mace_run_train`` by ``python -m mace_sparse.foundations.pretrain NAME``; the
-benchmark-scale ``organic-s`` and ``inorganic-s`` (≥ 150k parameters) by ``python -m harness.pretrain NAME``; each has a
-card ``<name>.md`` with its data, command and measured errors. Write ``--foundation_model mace_sparse:organic``
+``organic`` (H, C, N, O; GFN2-xTB labels) and ``inorganic`` (Al, Cu, Ni, Fe, Co, Mn, O; CHGNet labels), and the
+benchmark-scale ``organic-s`` and ``inorganic-s`` (≥ 150k parameters), were pretrained with the real
+``mace_run_train`` by the repository's ``python -m harness.pretrain NAME``; each has a card ``<name>.md`` with
+its data, command and measured errors. Write ``--foundation_model mace_sparse:organic``
 and pass the string through :func:`resolve` to get the file. Importing this module does not import torch.
 """
 
@@ -25,10 +25,9 @@ def path(name: str) -> Path:
         raise ValueError(f"unknown bundled foundation {name!r}; valid names: {', '.join(NAMES + BENCHMARK_SCALE)}")
     file = _HERE / f"{name}.model"
     if not file.is_file():
-        rebuild = (f"python -m harness.pretrain {name}' from a checkout of the repository"
-                   if name in BENCHMARK_SCALE else f"python -m mace_sparse.foundations.pretrain {name}'")
         raise FileNotFoundError(
-            f"bundled foundation {name!r} is missing ({file}); rebuild it with '{rebuild} or reinstall mace-sparse"
+            f"bundled foundation {name!r} is missing ({file}); rebuild it with 'python -m harness.pretrain {name}' "
+            "from a checkout of the repository, or reinstall mace-sparse"
         )
     return file
 

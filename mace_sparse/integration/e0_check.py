@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..config import SparseConfigError
 
@@ -71,7 +72,7 @@ def _head(model: Any, args: Any) -> Tuple[str, int]:
 
 def predict_energies(model: Any, frames: Sequence[Any], head: str) -> np.ndarray:
     """The foundation's total energies of ``frames`` (one batch, no forces)."""
-    import torch
+    # MACE's data pipeline is imported here: seconds of import that only a run with --E0s foundation needs
     from mace import data
     from mace.tools import torch_geometric
     from mace.tools.utils import AtomicNumberTable

@@ -1,6 +1,6 @@
 """Input checks of a ``--finetune-method sparse_str`` run that MACE 0.3.16 makes late, with a traceback, or never.
 
-They run from :func:`~mace_sparse.integration.mace_patches.validate_sparse_args`, i.e. before MACE's ``run()``
+They run from :func:`~mace_sparse.integration.validation.validate_sparse_args`, i.e. before MACE's ``run()``
 creates its log directory, so a refused run leaves nothing on disk. What MACE 0.3.16 does without them
 (measured, see ``tests/test_input_checks.py``):
 
@@ -29,9 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+import ase.io
 import numpy as np
+from ase.data import chemical_symbols
 
+from ..artifacts.atomic import unwritable_reason
+from ..artifacts.model_io import load_model
 from ..config import SparseConfigError
+from .e0_check import check_e0s
+from .run_guards import explicitly_given
 
 #: The output folders ``mace_run_train`` writes to, and how ``mace.tools.check_args`` defaults them (a folder
 #: below ``--work_dir``; ``""`` is the work dir itself).
@@ -52,8 +58,6 @@ def check_output_dirs(args: Any) -> None:
     Uses :func:`~mace_sparse.artifacts.atomic.unwritable_reason`, which probes with a temporary file and creates
     nothing that stays (``os.access`` would wave root through on read-only mounts and ``/proc``).
     """
-    from ..artifacts.atomic import unwritable_reason
-
     work_dir = getattr(args, "work_dir", None) or "."
     wanted = [("work_dir", work_dir, work_dir)]
     for flag, default in OUTPUT_DIRS:
@@ -85,8 +89,6 @@ def load_foundation_for_checks(foundation: str, head: Optional[str] = None) -> A
     Returns ``None`` for a named model (``small``, ``medium_off``, ...), which MACE downloads itself. Costs one
     extra ``torch.load`` of the foundation (about a second for MACE-MP medium), once per run.
     """
-    from ..artifacts.model_io import load_model
-
     path = Path(foundation)
     if not path.exists():
         if _looks_like_path(foundation):
@@ -213,8 +215,6 @@ def _non_finite(value: Any) -> Optional[str]:
 
 def scan_data(files: Sequence[DataFile]) -> DataScan:
     """Read every file once; raise at the first non-finite energy/forces/stress label, collect the elements."""
-    import ase.io
-
     scan = DataScan()
     for item in files:
         try:
@@ -263,8 +263,6 @@ def check_label_keys(args: Any, scan: DataScan) -> None:
 
     Without this, MACE trains an energy-only (or forces-only) model from a misspelt key and exits 0.
     """
-    from .run_guards import explicitly_given
-
     for kind in ("forces", "energy"):
         flag = f"{kind}_key"
         if scan.train_labels.get(kind, True) or not explicitly_given(args, flag):
@@ -279,8 +277,6 @@ def check_label_keys(args: Any, scan: DataScan) -> None:
 
 def check_elements(scan: DataScan, foundation_zs: Sequence[int], atomic_numbers: Optional[str]) -> None:
     """Every element of the data (and of ``--atomic_numbers``) must be one the foundation was trained on."""
-    from ase.data import chemical_symbols
-
     known = set(int(z) for z in foundation_zs)
     wanted: Dict[int, str] = {}
     for z, (path, index) in scan.first_seen.items():
@@ -322,8 +318,6 @@ def check_inputs(args: Any) -> None:
     scan = scan_data(files)
     check_label_keys(args, scan)
     if foundation is not None:
-        from .e0_check import check_e0s
-
         check_elements(scan, sorted(int(z) for z in foundation.atomic_numbers.tolist()),
                        getattr(args, "atomic_numbers", None))
         check_e0s(args, foundation, scan.energy_frames)

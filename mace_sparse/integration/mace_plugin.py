@@ -2,9 +2,10 @@
 
 Registered in ``pyproject.toml`` under the entry-point group ``mace.plugins``. MACE as released never loads
 it; a MACE patched with the hook does, and then calls the methods below instead of this package replacing
-names in ``mace.cli.run_train`` (see :mod:`.mace_patches`, which decides between the two paths). The run
-behaviour itself is :class:`.run_hooks.FineTuneHooks`, shared with the runtime patches, so both paths train
-and save the same model; this module only translates the hook's signatures.
+names in ``mace.cli.run_train`` (:func:`.entry.install` decides between the two paths, :mod:`.state` records
+the choice). The run behaviour itself is :class:`.run_hooks.FineTuneHooks`, shared with the runtime patches,
+so both paths train and save the same model; this module only translates the hook's signatures, and
+:func:`.seams.start_hooked_run` validates the run and patches what the hook does not cover.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .arguments import add_sparse_arguments
 from .run_hooks import FineTuneHooks
+from .seams import start_hooked_run
+from .state import HOOK_API_VERSION, plugin_enabled
 
 
 class MaceSparseRun:
@@ -49,27 +53,22 @@ class MaceSparseRun:
 class MaceSparsePlugin:
     """Entry point of the ``mace.plugins`` group: adds the flags, and takes part in sparse_str / moment runs.
 
-    Stays out (no flags, no run) where :func:`.mace_patches.plugin_enabled` says the runtime patches are in
+    Stays out (no flags, no run) where :func:`.state.plugin_enabled` says the runtime patches are in
     charge or ``MACE_SPARSE_DISABLE`` is set, so a run is never configured twice.
     """
 
     #: the hook API this plugin was written for (``mace.tools.plugins.HOOK_API_VERSION``)
-    hook_api_version = 1
+    hook_api_version = HOOK_API_VERSION
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from . import mace_patches
-        from .arguments import add_sparse_arguments
-
-        if mace_patches.plugin_enabled():
+        if plugin_enabled():
             add_sparse_arguments(parser)  # idempotent: never registers a flag twice
 
     def start_run(self, args: argparse.Namespace) -> Optional[MaceSparseRun]:
         """``None`` for MACE's own runs; validates the flags (exits with one line if bad) before MACE writes."""
-        from . import mace_patches
-
-        if not mace_patches.plugin_enabled():
+        if not plugin_enabled():
             return None
-        hooks = mace_patches.start_hooked_run(args)
+        hooks = start_hooked_run(args)
         return MaceSparseRun(hooks) if hooks is not None else None
 
 

@@ -13,7 +13,7 @@ Issue 15 ("Nothing silent"), measured on mace-torch 0.3.16 without these checks:
 * **a diverging run** (``--lr 1e3``): MACE validates a NaN loss, checkpoints it and saves a NaN model, exit 0.
 
 Every check raises :class:`~mace_sparse.config.SparseConfigError` with one line; the callers in
-:mod:`.mace_patches` turn it into MACE's one-line exit, before MACE's ``run()`` writes anything (the
+:mod:`.validation` turn it into MACE's one-line exit, before MACE's ``run()`` writes anything (the
 divergence check, necessarily, during training: before the diverged epoch is checkpointed).
 """
 
@@ -27,7 +27,14 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..artifacts.atomic import atomic_write_bytes
 from ..config import SparseConfig, SparseConfigError
+from ..magnetism.head import HEAD_NAME
+from ..reparametrization import DELTA
 from .arguments import SPARSE_FLAG_DEFAULTS
 
 #: Next to the checkpoints ``<tag>_epoch-<N>.pt``: the mace-sparse settings the run was started with.
@@ -52,8 +59,6 @@ def config_keys(args: Any) -> Dict[str, Any]:
     path = getattr(args, "config", None)
     if not path or not Path(str(path)).is_file():
         return {}
-    import yaml
-
     with open(str(path), encoding="utf-8") as handle:
         loaded = yaml.safe_load(handle)
     return loaded if isinstance(loaded, dict) else {}
@@ -151,10 +156,6 @@ def write_settings(args: Any, sparse: Optional[SparseConfig], magnetic: bool) ->
 
     Written by rank 0 only, as MACE writes its checkpoints.
     """
-    import torch.distributed as dist
-
-    from ..artifacts.atomic import atomic_write_bytes
-
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
 
@@ -172,11 +173,6 @@ def _latest_checkpoint(args: Any) -> Optional[Path]:
 
 def _checkpoint_kind(path: Path) -> Dict[str, Any]:
     """Method and head read from a checkpoint's parameter names (for checkpoints without a settings file)."""
-    import torch
-
-    from ..magnetism.head import HEAD_NAME
-    from ..reparametrization import DELTA
-
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model", {})
     sparse = any(key.endswith(DELTA.format("")) for key in state)
     return {"finetune_method": "sparse_str" if sparse else "full",
@@ -238,8 +234,6 @@ def check_finite(valid_loss: Any, parameters: Iterable[Any], epoch: Optional[int
                  first_loss: Optional[float] = None) -> None:
     """Stop a diverged run before it is checkpointed or saved: a non-finite validation loss or trainable weight,
     or a loss :data:`DIVERGENCE_FACTOR` times ``first_loss`` (the run's first validation loss)."""
-    import torch
-
     loss = float(valid_loss) if valid_loss is not None else 0.0
     bad_weights = any(not bool(torch.isfinite(p).all()) for p in parameters)
     exploded = first_loss is not None and math.isfinite(first_loss) and first_loss > 0 and \

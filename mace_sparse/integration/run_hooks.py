@@ -2,7 +2,7 @@
 
 Two callers drive the same :class:`FineTuneHooks` object:
 
-* the runtime patches of :mod:`.mace_patches` (MACE as released has no plugin mechanism), and
+* the runtime patches of :mod:`.seams` (MACE as released has no plugin mechanism), and
 * MACE's ``mace.plugins`` entry-point hook, where the upstream patch in ``patches/`` is applied.
 
 Keeping the behaviour here and only the *wiring* in the callers means both paths train the same model.
@@ -18,8 +18,28 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .. import optim
+from ..artifacts.atomic import atomic_write_with
+from ..artifacts.derivation import record_derivation
+from ..artifacts.run_outputs import write_run_artifacts
 from ..config import SparseConfig
+from ..coverage import coverage_of
 from ..magnetism.config import MagneticConfig
+from ..magnetism.head import HEAD_NAME, attach_magnetic_head, detach_magnetic_head, has_magnetic_head
+from ..magnetism.loss import MagneticLoss
+from ..magnetism.metrics import log_suffix
+from ..magnetism.model import MagneticMACE
+from ..magnetism.statistics import training_frames
+from ..sparse_model import (
+    DERIVATION_ATTR,
+    get_sparse_model,
+    is_sparse_model,
+    merge_and_unload,
+    sparsity_stats,
+    trainable_parameters_line,
+)
+from ..support import FixSupportOnFirstCall
+from .run_guards import check_finite, write_settings
 
 
 class FineTuneHooks:
@@ -45,20 +65,14 @@ class FineTuneHooks:
     # ------------------------------------------------------------------------------------------- model
     def configure_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Attach the moment head (fully trainable) and/or reparameterise the backbone, in place."""
-        from ..magnetism.head import HEAD_NAME, attach_magnetic_head
-
         if self.model is not None:
             # two callers wired into one run (plugin hook and runtime patch) would reparameterise twice
             raise RuntimeError("mace-sparse: configure_model called twice in one run (hook and patch both active?)")
         if self.wiring is not None:
             logging.info(f"mace-sparse wiring: {self.wiring}")
         if getattr(self.args, "name", None) is not None:  # a mace_run_train run (not hooks driven from Python)
-            from .run_guards import write_settings
-
             write_settings(self.args, self.sparse, self.magnetic is not None)  # read by a later --restart_latest
         if self.magnetic is not None:
-            from ..magnetism.statistics import training_frames
-
             train_files = getattr(self.args, "train_file", None) or []
             train_files = [train_files] if isinstance(train_files, str) else list(train_files)
             head = attach_magnetic_head(model, self.magnetic, frames=training_frames(train_files, limit=256))
@@ -66,16 +80,11 @@ class FineTuneHooks:
             logging.info(f"Magnetic config: {json.dumps(self.magnetic.to_dict())}")
             logging.info(f"Moment head: {sum(p.numel() for p in head.parameters())} trainable parameters")
         if self.sparse is not None:
-            from ..coverage import coverage_of
-            from ..sparse_model import get_sparse_model, trainable_parameters_line
-
             exclude = (HEAD_NAME,) if self.magnetic is not None else ()
             coverage = coverage_of(model, self.sparse.targets, exclude)
             derivation = _record_derivation(self.args, model)
             get_sparse_model(model, self.sparse, exclude_prefixes=exclude)
             if derivation is not None:
-                from ..sparse_model import DERIVATION_ATTR
-
                 model.__dict__[DERIVATION_ATTR] = derivation
                 logging.info(f"Derivation recorded for the delta file: {derivation['steps']}")
             logging.info("===========SPARSE FINE-TUNING (sparse_str)===========")
@@ -90,9 +99,6 @@ class FineTuneHooks:
 
     def param_options(self, options: Dict[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
         """Add the head's own group and move threshold scores to theirs (frozen weights dropped)."""
-        from .. import optim
-        from ..magnetism.head import HEAD_NAME
-
         module = getattr(model, "module", model)
         if self.magnetic is not None:
             head_params = list(getattr(module, HEAD_NAME).parameters())
@@ -110,30 +116,22 @@ class FineTuneHooks:
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if self.sparse is None:
             return optimizer
-        from .. import optim
-
         return optim.register_threshold_decay(optimizer)
 
     def swa(self, swa: Any, optimizer: torch.optim.Optimizer) -> Any:
         """Stage two (``--swa``): keep the threshold lr ratio under SWALR, and keep the moment term in the
         stage-two loss MACE builds afresh (it would otherwise stop training the head)."""
         if self.sparse is not None:
-            from .. import optim
-
             optim.keep_threshold_lr_ratio_in_swa(optimizer, self.args.lr)
         if swa is not None and self.magnetic is not None and hasattr(swa, "loss_fn"):
             swa.loss_fn = self.loss(swa.loss_fn)
         if swa is not None and self.sparse is not None and self.sparse.retrain_support and hasattr(swa, "loss_fn"):
-            from ..support import FixSupportOnFirstCall
-
             swa.loss_fn = FixSupportOnFirstCall(swa.loss_fn, lambda: self.model)
         return swa
 
     def loss(self, loss_fn: torch.nn.Module) -> torch.nn.Module:
         if self.magnetic is None:
             return loss_fn
-        from ..magnetism.loss import MagneticLoss
-
         if isinstance(loss_fn, MagneticLoss):
             return loss_fn
         return MagneticLoss(loss_fn, self.magnetic)
@@ -144,9 +142,6 @@ class FineTuneHooks:
 
         The first call is stage one (``<name>``), a second one stage two (``<name>_stagetwo``).
         """
-        from ..magnetism.head import has_magnetic_head
-        from ..sparse_model import is_sparse_model, merge_and_unload
-
         sparse = is_sparse_model(copied)
         magnetic = has_magnetic_head(copied)
         if not (sparse or magnetic):
@@ -156,8 +151,6 @@ class FineTuneHooks:
         head = None
         sparse_source: torch.nn.Module = training_model
         if magnetic:
-            from ..magnetism.head import detach_magnetic_head
-
             head = detach_magnetic_head(copied)
             if sparse:
                 sparse_source = copy.deepcopy(copied)  # the delta describes the backbone only
@@ -168,8 +161,6 @@ class FineTuneHooks:
             if failure is not None:
                 self.failures.append(failure)
         if head is not None:
-            from ..magnetism.model import MagneticMACE
-
             _save_magnetic_model(MagneticMACE(copy.deepcopy(copied), head), self.args.model_dir, stem)
         return copied
 
@@ -177,8 +168,6 @@ class FineTuneHooks:
         """Stop a diverged sparse_str run at its validation line (see :func:`.run_guards.check_finite`)."""
         if self.sparse is None or self.model is None:
             return
-        from .run_guards import check_finite
-
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         check_finite(valid_loss, trainable, epoch, float(self.args.lr), self.first_valid_loss)
         if self.first_valid_loss is None:
@@ -189,12 +178,8 @@ class FineTuneHooks:
         """Extra text for MACE's per-epoch validation line (sparsity, mean δ, moment errors)."""
         suffix = ""
         if self.magnetic is not None:
-            from ..magnetism.metrics import log_suffix
-
             suffix += log_suffix(eval_metrics)
         if self.sparse is not None and self.model is not None:
-            from ..sparse_model import sparsity_stats
-
             stats = sparsity_stats(self.model)
             eval_metrics["sparsity"] = stats.layer_sparsity
             eval_metrics["total_sparsity"] = stats.total_sparsity
@@ -205,8 +190,6 @@ class FineTuneHooks:
 
 def _record_derivation(args: Any, model: torch.nn.Module) -> Optional[Dict[str, Any]]:
     """How MACE derived ``model`` from the foundation file; a failure only costs ``apply`` on that file."""
-    from ..artifacts.derivation import record_derivation
-
     try:
         return record_derivation(args, model)
     except Exception as exc:  # noqa: BLE001  (the run must go on; apply then needs the derived model itself)
@@ -215,8 +198,6 @@ def _record_derivation(args: Any, model: torch.nn.Module) -> Optional[Dict[str, 
 
 
 def _save_magnetic_model(model: torch.nn.Module, model_dir: str, stem: str) -> None:
-    from ..artifacts.atomic import atomic_write_with
-
     path = Path(model_dir) / f"{stem}_magnetic.model"
     to_save = copy.deepcopy(model).cpu()
     atomic_write_with(path, lambda tmp: torch.save(to_save, tmp))
@@ -229,8 +210,6 @@ def _write_sparse_artifacts(sparse_model: Any, merged: Any, model_dir: str, stem
     A failure is logged and returned as one line, not raised: the merged ``.model`` (the run's main result) is
     still saved, and the run then exits non-zero with that line (a promised output is missing).
     """
-    from ..artifacts.run_outputs import write_run_artifacts
-
     try:
         delta_path, json_path = write_run_artifacts(sparse_model, merged, model_dir, stem)
         logging.info(f"Saved sparse delta to {delta_path} and sparsity report to {json_path}")

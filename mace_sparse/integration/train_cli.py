@@ -6,14 +6,13 @@ is off (``MACE_SPARSE_DISABLE=1``) or the environment skips ``.pth`` files.
 
 from __future__ import annotations
 
+import mace.cli.run_train as run_train  # mace before e3nn; the start-up hook, if on, installs here already
+
+from .entry import install
+
 
 def main() -> None:
-    import mace  # noqa: F401
-    import mace.cli.run_train as run_train
-
-    from .mace_patches import install
-
-    install(run_train)
+    install(run_train)  # idempotent
     run_train.main()
 
 

@@ -1,10 +1,14 @@
-"""What the magnetic-moment head is asked to do: the four ``--magmom*`` flags as one validated record."""
+"""What the magnetic-moment head is asked to do: the ``--magmom*`` flags as one validated record.
+
+Each field is the one declaration of its setting: default, flag, help and valid range (:mod:`mace_sparse.flags`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Optional
+from typing import ClassVar, Optional
+
+from ..flags import check_settings, setting
 
 MAGMOM_LOSSES = ("mse", "huber")
 #: extxyz columns that ASE turns into calculator results on reading (they never reach ``atoms.arrays``)
@@ -24,13 +28,29 @@ class MagneticConfig:
     ↑↓ arrangement from ↓↑: it predicts magnitudes |m| and compares them with |m_ref|.
     """
 
-    key: str = "REF_magmoms"
-    weight: float = 0.0
-    loss: str = "mse"
-    huber_delta: float = 0.01
-    signed: bool = False
-    hidden: int = 64
-    head_lr: Optional[float] = None
+    flag_prefix: ClassVar[str] = "magmom_"  # the flags are --magmom_<field> (mace_sparse.flags)
+
+    key: str = setting(
+        "REF_magmoms", flag="magmoms_key",
+        help="per-atom extxyz array with the reference moments in muB (frames without it get weight 0)",
+    )
+    weight: float = setting(
+        0.0, at_least=0.0, why="; 0 switches the head off",
+        help="loss weight of the moments; the head is trained (and saved as <name>_magnetic.model) when > 0",
+    )
+    loss: str = setting("mse", choices=MAGMOM_LOSSES, help="per-atom moment loss")
+    huber_delta: float = setting(0.01, above=0.0, help="delta of the Huber moment loss, in muB")
+    signed: bool = setting(
+        False, switch="store_true",
+        help="predict signed moments (default: magnitudes; geometry alone cannot tell up-down from down-up)",
+    )
+    hidden: int = setting(
+        64, flag="magmom_head_hidden", at_least=1, help="width of the moment head's hidden layers",
+    )
+    head_lr: Optional[float] = setting(
+        None, above=0.0, why="; omit it to use --lr",
+        help="learning rate of the moment head's own optimizer group (default: --lr)",
+    )
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -40,16 +60,7 @@ class MagneticConfig:
                 f"--magmoms_key {self.key}: ASE reads an extxyz column of that name as calculator results, not as a "
                 "per-atom array, so MACE never sees it; rename the column (e.g. REF_magmoms) and pass that name"
             )
-        if not math.isfinite(self.weight) or self.weight < 0:
-            raise MagneticConfigError(f"--magmom_weight must be >= 0 (got {self.weight}); 0 switches the head off")
-        if self.loss not in MAGMOM_LOSSES:
-            raise MagneticConfigError(f"--magmom_loss must be one of {', '.join(MAGMOM_LOSSES)} (got {self.loss!r})")
-        if not (math.isfinite(self.huber_delta) and self.huber_delta > 0):
-            raise MagneticConfigError(f"--magmom_huber_delta must be > 0 (got {self.huber_delta})")
-        if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr > 0):
-            raise MagneticConfigError(f"--magmom_head_lr must be > 0 (got {self.head_lr}); omit it to use --lr")
-        if self.hidden < 1:
-            raise MagneticConfigError(f"--magmom_head_hidden must be >= 1 (got {self.hidden})")
+        check_settings(self, MagneticConfigError, template="{flag} must {condition} (got {value}){why}")
 
     @property
     def enabled(self) -> bool:

@@ -1,0 +1,162 @@
+"""The harness's layer over :func:`mace_sparse.training.run_mace_train`: one fine-tune of an experiment.
+
+Each run gets its own directory (console output and command line in ``command.log``, as the runtime wrapper
+writes them). On top of the plain process this layer adds what experiments need: early stopping at patience
+(MACE 0.3.16 logs the stop but goes on; see :mod:`harness.pipeline.curve`) finished from the best checkpoint,
+reuse of a run that already finished with the same arguments (an interrupted experiment restarted with the
+same ``--out`` picks up where it stopped), the learning curve, and the wall time between consecutive
+validation lines (kept in the JSON as a cross-check of the in-process step timing). Nothing else is read from
+MACE's metrics: the evaluation is :mod:`harness.pipeline.evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import shutil
+import statistics
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from mace_sparse.training import log_tail, run_mace_train
+
+from .curve import STOP_LINE, best_epoch_from_log, parse_curve, run_log
+
+_EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO: Epoch (\d+):")
+
+
+@dataclasses.dataclass
+class TrainOutput:
+    """Paths and timings of one finished run."""
+
+    run_dir: Path
+    model: Path
+    returncode: int
+    wall_s: float
+    epoch_s: Optional[float]
+    delta: Optional[Path] = None
+    sparsity_json: Optional[Path] = None
+    reused: bool = False
+    #: validation points per epoch (:func:`harness.pipeline.curve.parse_curve`)
+    curve: List[Dict[str, float]] = dataclasses.field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.model.is_file()
+
+
+DONE_FILE = "bench_run.json"
+
+
+def _final_stop(chunk: bytes, marker: bytes) -> bool:
+    """A complete 'Stopping optimization' line that ends the run; with ``--swa`` MACE's first such line says
+    '... and starting Stage Two' and the run goes on."""
+    for line in chunk.split(b"\n")[:-1]:  # the last piece may be a line still being written
+        if marker in line and b"Stage Two" not in line:
+            return True
+    return False
+
+
+def _stop_watcher(line: str) -> bool:
+    """``on_line`` of :func:`mace_sparse.training.run_mace_train`: stop once MACE reports patience exhausted."""
+    return _final_stop(line.encode() + b"\n", STOP_LINE.encode())
+
+
+def median_epoch_seconds(log_text: str) -> Optional[float]:
+    """Median wall time between consecutive ``Epoch N:`` validation lines of a MACE log (None if < 2)."""
+    stamps = []
+    for line in log_text.splitlines():
+        match = _EPOCH_LINE.match(line)
+        if match:
+            stamps.append(datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f"))
+    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(gaps) if gaps else None
+
+
+def latest_checkpoint_epoch(run_dir: Path) -> Optional[int]:
+    """The epoch of the checkpoint ``--restart_latest`` will load (MACE tries the stage-two ones first)."""
+    files = list((run_dir / "checkpoints").glob("*_epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
+    pattern = re.compile(r"_epoch-(\d+)(_swa)?\.pt$")
+    found = [(bool(m.group(2)), int(m.group(1))) for m in map(pattern.search, (f.name for f in files)) if m]
+    if not found:
+        return None
+    swa = [e for is_swa, e in found if is_swa]
+    return max(swa) if swa else max(e for _, e in found)
+
+
+def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patience: Optional[int] = None,
+                 stage_two: bool = False, on_line: Optional[Callable[[str], None]] = None) -> TrainOutput:
+    """Run ``mace_run_train ARGS`` in ``run_dir`` (created) and return what it produced.
+
+    With ``patience`` (the run's ``--patience``), the run is stopped when MACE reports that patience is exhausted
+    and finished from its best checkpoint (``--restart_latest --max_num_epochs <best epoch>``), so that the
+    saved model is the best-validation one and no epoch is trained past the stop. ``stage_two``: the run has
+    MACE's stage two (``--swa``); its outputs (``<name>_stagetwo.*``) are the ones returned. ``on_line`` sees
+    every console line (progress reports).
+
+    A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
+    not repeated.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = [str(a) for a in args]
+    done = run_dir / DONE_FILE
+    previous = json.loads(done.read_text()) if done.is_file() else None
+    stopped = bool(previous and previous.get("stopped_early"))
+    stem = f"{name}_stagetwo" if stage_two else name
+    if previous and previous.get("args") == args and (run_dir / f"{stem}.model").is_file():
+        returncode, wall, reused = 0, float(previous["wall_s"]), True
+    else:
+        done.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint must not be resumed
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+        reused = False
+
+        def report(line: str) -> bool:
+            if on_line is not None:
+                on_line(line)
+            return False
+
+        def watch(line: str) -> bool:
+            return report(line) or (patience is not None and _stop_watcher(line))
+
+        first = run_mace_train(args, run_dir, on_line=watch)
+        returncode, wall, stopped = first.returncode, first.wall_s, first.stopped
+        if stopped:
+            best = latest_checkpoint_epoch(run_dir)
+            best = best if best is not None else best_epoch_from_log(run_log(run_dir))
+            finish = [*args, "--restart_latest", "--max_num_epochs", str(best if best is not None else 0)]
+            second = run_mace_train(finish, run_dir, append=True, on_line=report)
+            returncode, wall = second.returncode, wall + second.wall_s
+        if returncode == 0:
+            done.write_text(json.dumps({"args": args, "wall_s": wall, "stopped_early": stopped}))
+    log_text = run_log(run_dir)
+    epoch_s = median_epoch_seconds(log_text) if log_text else None
+    delta = run_dir / f"{stem}_sparse_delta.safetensors"
+    sparsity = run_dir / f"{stem}_sparsity.json"
+    return TrainOutput(
+        run_dir=run_dir, model=run_dir / f"{stem}.model", returncode=returncode, wall_s=wall, epoch_s=epoch_s,
+        delta=delta if delta.is_file() else None, sparsity_json=sparsity if sparsity.is_file() else None,
+        reused=reused, curve=parse_curve(log_text), stopped_early=stopped,
+    )
+
+
+def failure_tail(output: TrainOutput, lines: int = 12) -> str:
+    """The last lines of a failed run's console output, for the error message."""
+    return log_tail(output.run_dir / "command.log", lines)
+
+
+def write_subset(source: Path, n: Optional[int], out: Path) -> Path:
+    """The first ``n`` frames of ``source`` as a new extxyz file (``source`` itself when ``n`` is None)."""
+    if n is None:
+        return source
+    import ase.io  # ase loads in ~0.5 s: only when a subset is written
+
+    frames = ase.io.read(source, f":{n}")
+    if len(frames) < n:
+        raise ValueError(f"{source} has only {len(frames)} frames; {n} asked for")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(out, frames, format="extxyz")
+    return out
