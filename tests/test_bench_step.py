@@ -100,20 +100,22 @@ def test_emt_structures_have_the_requested_size():
 def test_cli_parses_and_rejects_bad_settings():
     import argparse
 
+    from harness.stepcost.cli import config_from_args
     from mace_sparse.cli import bench_step
 
     parser = argparse.ArgumentParser()
     bench_step.add_parser(parser.add_subparsers(dest="command"), "bench-step")
-    args = parser.parse_args(["bench-step", "--radial-mlp", "[32,32]", "--channels", "16", "--json", "x.json"])
-    assert args.radial_mlp == [32, 32] and args.channels == 16
-    # the command line's defaults are the library's defaults
-    defaults = vars(parser.parse_args(["bench-step"]))
-    for field, value in vars(BenchConfig()).items():
-        if field in defaults:
-            expected = list(value) if isinstance(value, tuple) else value
-            got = defaults[field].split(",") if field == "methods" else defaults[field]
-            assert got == expected, field
+    args = parser.parse_args(["bench-step", "--radial-mlp", "[32,32]", "--channels", "16", "--json", "x.json",
+                              "--model", "m.model", "--interactions", "3", "--methods", "full, lora", "--no-memory"])
+    assert args.radial_mlp == (32, 32) and args.channels == 16 and args.json == "x.json"
+    assert config_from_args(args) == BenchConfig(radial_mlp=(32, 32), channels=16, model_path="m.model",
+                                                 num_interactions=3, methods=("full", "lora"), measure_memory=False)
+    # the command line's defaults are the library's defaults, every one of them
+    assert config_from_args(parser.parse_args(["bench-step"])) == BenchConfig()
     with pytest.raises(ValueError, match="--dtype"):
         BenchConfig(dtype="float16").validate()
     with pytest.raises(ValueError, match="unknown method"):
         BenchConfig(methods=("full", "dora")).validate()
+    with pytest.raises(ValueError, match="--atoms 4097 is too large"):
+        BenchConfig(atoms=4097).validate()
+

@@ -21,7 +21,7 @@ RUNTIME = [
     "mace_sparse/cli/__init__.py", "mace_sparse/cli/apply.py", "mace_sparse/cli/revert.py",
     "mace_sparse/cli/report.py", "mace_sparse/cli/predict.py", "mace_sparse/cli/quickstart.py",
     "mace_sparse/cli/harness_shim.py", "mace_sparse/cli/bench.py", "mace_sparse/cli/calibrate.py",
-    "mace_sparse/cli/bench_magnetic.py", "mace_sparse.pth",
+    "mace_sparse/cli/bench_magnetic.py", "mace_sparse/cli/bench_step.py", "mace_sparse.pth",
 ]
 #: bundled files: the foundations (model + card) and the data the quick start and the tutorials read
 BUNDLED = [
@@ -66,11 +66,13 @@ def test_no_harness_in_the_wheel(wheel_files):
 
 
 def test_harness_commands_without_the_harness_exit_2_with_the_fix(tmp_path):
-    """The shims of bench / calibrate / bench-magnetic in an interpreter that cannot import ``harness``."""
+    """The shims of bench / calibrate / bench-magnetic / bench-step in an interpreter that cannot import
+    ``harness``."""
     code = ("import sys; sys.modules['harness'] = None\n"  # what an installed wheel sees: no harness package
             "from mace_sparse.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
-    for command in (["bench", "--quick", "--out", str(tmp_path)], ["calibrate"], ["bench-magnetic", "--quick"]):
+    for command in (["bench", "--quick", "--out", str(tmp_path)], ["calibrate"], ["bench-magnetic", "--quick"],
+                    ["bench-step", "--rounds", "3"]):
         proc = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 2, (command, proc.stderr)
         lines = proc.stderr.strip().splitlines()

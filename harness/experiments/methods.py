@@ -73,7 +73,7 @@ class Method:
     """A method: its name, kind, its own ``mace_run_train`` flags and how its step cost is measured.
 
     ``cost_key`` names the training-step set-up whose time and memory stand for the method (see
-    :mod:`mace_sparse.benchmarks.bench_cost`); the two λ_τ presets share one, since λ_τ changes which entries
+    :mod:`harness.stepcost.cost`); the two λ_τ presets share one, since λ_τ changes which entries
     move, not the work of a step.
     """
 

@@ -8,7 +8,7 @@ records it returns.
 For each case: the training file is cut to its size, the foundation is evaluated as it is (zero-shot), every
 trained method runs as a real ``mace_run_train`` subprocess for every seed, each saved model is evaluated on
 the target test set and the source test set, its changed parameters are counted against the step-0 model,
-and the training-step cost of every method is measured (:mod:`mace_sparse.benchmarks.bench_cost`; skipped with
+and the training-step cost of every method is measured (:mod:`harness.stepcost.cost`; skipped with
 ``cost_rounds=0``). The result is one JSON-ready dict; :mod:`harness.pipeline.table` turns it into the table.
 
 The step-0 model (the foundation as MACE configured it for this data: element-filtered, atomic energies per
@@ -33,6 +33,7 @@ import torch
 
 from harness.experiments.methods import REFERENCE, ZERO_SHOT, Method, TrainSettings, train_command
 from harness.experiments.tasks import BenchCase
+from harness.stepcost.cost import measure_step_costs
 
 from . import evaluate as bench_eval
 from .curve import best_point
@@ -51,7 +52,7 @@ class BenchOptions:
     settings: TrainSettings
     out: Path
     jobs: int = 1
-    #: interleaved step-timing rounds (:mod:`mace_sparse.benchmarks.bench_cost`); 0: no step-cost measurement
+    #: interleaved step-timing rounds (:mod:`harness.stepcost.cost`); 0: no step-cost measurement
     cost_rounds: int = 10
     measure_memory: bool = True
     freeze: int = 5
@@ -278,9 +279,6 @@ def _step_costs(options: BenchOptions, case: BenchCase, base, train_file: Path) 
     trained = [m for m in options.methods if m.trains]
     if not trained or options.cost_rounds <= 0:
         return {}
-    # the step-cost measurement still lives in the runtime package until it moves to harness/stepcost
-    from mace_sparse.benchmarks.bench_cost import measure_step_costs
-
     frames = bench_eval.read_frames(train_file)[: options.settings.batch_size]
     measured = measure_step_costs(
         base, frames, trained, options.settings.lr, rounds=options.cost_rounds, lora_rank=options.lora_rank,

@@ -1,8 +1,8 @@
 """What ``mace_sparse bench-step`` is asked to measure and what it reports: the settings and the result records.
 
-One declaration per setting: every field of :class:`BenchConfig` carries its command-line help (and, where
-the flag is not simply ``--field-name``, its flag and argparse group) in ``metadata``; the command line
-(:mod:`harness.stepcost.cli`) is generated from these fields, so a default is written here and nowhere else.
+One declaration per setting: every field of :class:`BenchConfig` is a :func:`mace_sparse.flags.setting` (its
+default, help, and where the flag differs from ``--field-name``, its flag, parser and choices); the command
+line (:mod:`harness.stepcost.cli`) is generated from these fields, so a default is written here and nowhere else.
 
 The records render themselves as the markdown table the command prints and the JSON ``--json`` writes, so
 the two outputs cannot disagree. This module imports neither torch nor MACE (listing the ``mace_sparse``
@@ -11,17 +11,19 @@ subcommands imports it through the CLI and must stay fast).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from harness.data.emt_data import MAX_CELL_ATOMS
 from mace_sparse.config import GRANULARITIES
+from mace_sparse.flags import setting
 
 #: Methods in the order they are reported; ``full`` is the reference of every ratio.
 METHODS: Tuple[str, ...] = ("full", "sparse_str", "lora")
@@ -30,18 +32,27 @@ REFERENCE = "full"
 STEP_TIME_LIMIT = 1.10
 PEAK_MEMORY_LIMIT = 1.20
 DTYPES: Tuple[str, ...] = ("float32", "float64")
+#: the default radial MLP (the command line writes it as MACE writes ``--radial_MLP``: ``[64,64,64]``)
+RADIAL_MLP: Tuple[int, ...] = (64, 64, 64)
 
 
-def _setting(default: Any, help: str, group: str, **cli: Any) -> Any:
-    """A :class:`BenchConfig` field: its default, and how the command line offers it (``cli``: ``flag``,
-    ``choices``; ``flag=None`` keeps a setting off the command line). A setting that is on by default is
-    offered as its off switch (``flag="--no-..."``), and its ``help`` says what that switch does."""
-    return dataclasses.field(default=default, metadata={"help": help, "group": group, **cli})
+def parse_int_list(text: str) -> Tuple[int, ...]:
+    """``[64,64,64]`` or ``64,64,64`` (MACE writes ``--radial_MLP`` the first way)."""
+    items = [t.strip() for t in text.strip().strip("[]").split(",") if t.strip()]
+    try:
+        return tuple(int(t) for t in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a list of integers like [64,64,64], got {text!r}") from None
+
+
+def parse_names(text: str) -> Tuple[str, ...]:
+    """A comma list of names (``full,sparse_str``)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 @dataclasses.dataclass
 class BenchConfig:
-    """What to benchmark (each field's ``metadata["help"]`` says what it is).
+    """What to benchmark (each field's ``help`` says what it is).
 
     The default model is foundation-like in its layers (64x0e+64x1o, correlation 3, 2 interactions, radial MLP
     [64,64,64], about 241k weights) and the default batch small (2 cells of 4 atoms, ~290 edges), so that a
@@ -54,38 +65,39 @@ class BenchConfig:
     shared machine one descheduled thread stalls the rest (on a 2-core VM at load 7 the same full step took
     3–21 s with 2 threads and 0.8–1.2 s with 1). MACE's small per-edge tensors gain little from intra-op
     threads anyway. Warm-up steps absorb first-call code generation, Adam's state and the allocator's growth.
+    ``memory_steps`` and ``profile_steps`` have no flag (:data:`harness.stepcost.cli.GROUPS` lists the flags).
     """
 
-    model_path: Optional[str] = _setting(None, "a saved MACE model to benchmark instead", "model", flag="--model")
-    channels: int = _setting(64, "channels per irrep", "model")
-    max_L: int = _setting(1, "max ℓ of the hidden features", "model")
-    correlation: int = _setting(3, "body order of the product basis", "model")
-    num_interactions: int = _setting(2, "interaction layers", "model", flag="--interactions")
-    radial_mlp: Tuple[int, ...] = _setting((64, 64, 64), "hidden widths of the radial MLP", "model")
-    r_max: float = _setting(5.0, "cutoff radius (Å)", "model")
-    dtype: str = _setting("float64", "default dtype", "model", choices=DTYPES)
-    batch_size: int = _setting(2, "configurations per batch", "batch")
-    atoms: int = _setting(4, "atoms per configuration", "batch")
-    rounds: int = _setting(20, "interleaved rounds (each runs every method)", "measurement")
-    steps: int = _setting(1, "timed steps per method per round", "measurement")
-    warmup: int = _setting(2, "untimed steps per method before timing", "measurement")
-    targets: str = _setting("all", "weight kinds to adapt (comma list of linear,skip_tp,contraction,radial,norm,"
-                                   "scalar,embedding, or all)", "sparse_str")
-    granularity: str = _setting("path", "threshold granularity of sparse_str", "sparse_str",
-                                choices=tuple(GRANULARITIES))
-    device: str = _setting("cpu", "cpu or cuda", "measurement")
-    threads: int = _setting(1, "torch threads; 0 = every CPU this process may use", "measurement")
-    methods: Tuple[str, ...] = _setting(METHODS, "comma list of full, sparse_str, lora (full is always run)",
-                                        "measurement")
-    lora_rank: int = _setting(4, "LoRA rank (mace_run_train --lora_rank)", "lora")
-    lora_alpha: float = _setting(1.0, "LoRA alpha (mace_run_train --lora_alpha)", "lora")
-    measure_memory: bool = _setting(True, "skip the peak-memory part", "measurement", flag="--no-memory")
-    memory_steps: int = _setting(2, "steps over which the memory peak is taken (after one warm-up step)",
-                                 "measurement", flag=None)
-    profile: bool = _setting(False, "also break sparse_str's extra step time down", "measurement")
-    profile_steps: int = _setting(3, "profiled steps per method of --profile's operator table", "measurement",
-                                  flag=None)
-    seed: int = _setting(0, "seed of the structures and the model", "measurement")
+    flag_hyphens: ClassVar[bool] = True  # --batch-size, as the command has always spelled its flags
+
+    model_path: Optional[str] = setting(None, help="a saved MACE model to benchmark instead", flag="model")
+    channels: int = setting(64, help="channels per irrep")
+    max_L: int = setting(1, help="max ℓ of the hidden features")
+    correlation: int = setting(3, help="body order of the product basis")
+    num_interactions: int = setting(2, help="interaction layers", flag="interactions")
+    radial_mlp: Tuple[int, ...] = setting(RADIAL_MLP, help="hidden widths of the radial MLP", parse=parse_int_list,
+                                          cli_default=str(list(RADIAL_MLP)))
+    r_max: float = setting(5.0, help="cutoff radius (Å)")
+    dtype: str = setting("float64", help="default dtype", choices=DTYPES)
+    batch_size: int = setting(2, help="configurations per batch")
+    atoms: int = setting(4, help="atoms per configuration")
+    rounds: int = setting(20, help="interleaved rounds (each runs every method)")
+    steps: int = setting(1, help="timed steps per method per round")
+    warmup: int = setting(2, help="untimed steps per method before timing")
+    targets: str = setting("all", help="weight kinds to adapt (comma list of linear,skip_tp,contraction,radial,norm,"
+                                       "scalar,embedding, or all)")
+    granularity: str = setting("path", help="threshold granularity of sparse_str", choices=GRANULARITIES)
+    device: str = setting("cpu", help="cpu or cuda")
+    threads: int = setting(1, help="torch threads; 0 = every CPU this process may use")
+    methods: Tuple[str, ...] = setting(METHODS, help="comma list of full, sparse_str, lora (full is always run)",
+                                       parse=parse_names, cli_default=",".join(METHODS))
+    lora_rank: int = setting(4, help="LoRA rank (mace_run_train --lora_rank)")
+    lora_alpha: float = setting(1.0, help="LoRA alpha (mace_run_train --lora_alpha)")
+    measure_memory: bool = setting(True, help="skip the peak-memory part", flag="no_memory", switch="store_false")
+    memory_steps: int = setting(2, help="steps over which the memory peak is taken (after one warm-up step)")
+    profile: bool = setting(False, help="also break sparse_str's extra step time down", switch="store_true")
+    profile_steps: int = setting(3, help="profiled steps per method of --profile's operator table")
+    seed: int = setting(0, help="seed of the structures and the model")
 
     def validate(self) -> None:
         """Reject settings that would make the numbers meaningless, with a one-line reason."""

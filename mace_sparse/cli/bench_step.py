@@ -1,39 +1,20 @@
-"""``mace_sparse bench-step``: cost of a sparse_str training step against full fine-tuning (and MACE's LoRA).
-
-The benchmark is part of the research harness (``harness/stepcost/`` at the repository root), which is not
-shipped in the wheel; this module is the subcommand's entry from ``mace_sparse``. From a checkout (``pip
-install -e .`` puts the repository root on the path) it is the harness's command line; from an installed
-wheel the subcommand exits with status 2 and one line saying it needs a checkout.
-"""
+"""``mace_sparse bench-step``: implemented by the repository's harness (``harness.stepcost.cli``); this shim hands
+the command over from a checkout and, in an installed wheel, exits 2 naming the fix (:mod:`.harness_shim`)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-try:
-    from harness.stepcost import cli as _impl
-except ModuleNotFoundError as exc:  # only a missing harness means "no checkout"; any other error is a bug
-    if exc.name not in ("harness", "harness.stepcost", "harness.stepcost.cli"):
-        raise
-    _impl = None
+from . import harness_shim
 
-NEEDS_CHECKOUT = ("needs a checkout of the repository (the benchmark lives in harness/stepcost/, which the wheel "
-                  "does not ship): git clone the mace-sparse repository and pip install -e . in it")
+HELP = "benchmark one training step: sparse_str vs full fine-tuning (and LoRA), time and peak memory"
+MODULE = "harness.stepcost.cli"
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
-    if _impl is not None:
-        return _impl.add_parser(subparsers, name)
-    p = subparsers.add_parser(name, help="benchmark one training step (needs a checkout of the repository)",
-                              description=f"{name} {NEEDS_CHECKOUT}")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    return p
+    return harness_shim.add_parser(MODULE, subparsers, name, HELP)
 
 
 def run(args: argparse.Namespace) -> int:
-    if _impl is None:
-        sys.stderr.write(f"mace_sparse bench-step: error: {NEEDS_CHECKOUT}\n")
-        return 2
-    return _impl.run(args)
+    return harness_shim.run(MODULE, "bench-step", args)

@@ -1,5 +1,5 @@
 """The runtime's end of the commands implemented by the repository's harness (``bench``, ``calibrate``,
-``bench-magnetic``): the harness is not shipped in the wheel, so these commands need a checkout.
+``bench-magnetic``, ``bench-step``): the harness is not shipped in the wheel, so these commands need a checkout.
 
 From a checkout installed with ``pip install -e .`` the repository root is on ``sys.path`` and
 :func:`harness_command` returns the harness's module, to which the shim hands ``add_parser`` and ``run``.
@@ -24,7 +24,8 @@ def harness_command(module: str) -> Optional[ModuleType]:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name not in ("harness", "harness.cli", module):
+        parents = {module.rsplit(".", depth)[0] for depth in range(module.count(".") + 1)}  # harness, harness.cli, ...
+        if exc.name not in parents:
             raise  # the harness is there but something it needs is not: that is the error to show
         return None
 
