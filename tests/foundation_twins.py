@@ -47,6 +47,8 @@ import mace  # noqa: F401  (before e3nn)
 import numpy as np
 import torch
 
+from mace_sparse.mace_io import batch, default_dtype
+
 CHANNELS = 4
 
 
@@ -131,10 +133,8 @@ def _build(twin: Twin, seed: int) -> torch.nn.Module:
     from e3nn import o3
     from mace import modules
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(seed)
-    try:
+    with default_dtype(torch.float64):
+        torch.manual_seed(seed)
         kwargs = {}
         if twin.bias_readout:
             kwargs["readout_cls"] = modules.blocks.NonLinearBiasReadoutBlock
@@ -154,8 +154,6 @@ def _build(twin: Twin, seed: int) -> torch.nn.Module:
             edge_irreps=o3.Irreps(_irreps(twin.edge_irreps, twin.channels)) if twin.edge_irreps else None,
             atomic_inter_scale=[1.0] * len(twin.heads), atomic_inter_shift=[0.0] * len(twin.heads), **kwargs,
         )
-    finally:
-        torch.set_default_dtype(previous)
     return model
 
 
@@ -182,12 +180,9 @@ def twin_structures(twin: Twin, seed: int = 1):
 def twin_batch(model: torch.nn.Module, twin: Twin, atoms_list) -> dict:
     """A float64 MACE batch dict for ``atoms_list`` (heads and graph-level embedding features included)."""
     from mace import data
-    from mace.tools import torch_geometric
     from mace.tools.utils import AtomicNumberTable
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         z_table = AtomicNumberTable(list(twin.elements))
         items = []
         for atoms in atoms_list:
@@ -197,6 +192,4 @@ def twin_batch(model: torch.nn.Module, twin: Twin, atoms_list) -> dict:
             items.append(
                 data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=list(twin.heads))
             )
-        return torch_geometric.Batch.from_data_list(items).to_dict()
-    finally:
-        torch.set_default_dtype(previous)
+        return batch(items).to_dict()

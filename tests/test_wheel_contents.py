@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: modules a user runs (each must ship)
 RUNTIME = [
     "mace_sparse/__init__.py", "mace_sparse/_bootstrap.py", "mace_sparse/config.py", "mace_sparse/sparse_model.py",
-    "mace_sparse/reparametrization.py", "mace_sparse/optim.py", "mace_sparse/training.py",
+    "mace_sparse/reparametrization.py", "mace_sparse/optim.py", "mace_sparse/training.py", "mace_sparse/mace_io.py",
     "mace_sparse/data/__init__.py", "mace_sparse/foundations/__init__.py",
     "mace_sparse/cli/__init__.py", "mace_sparse/cli/apply.py", "mace_sparse/cli/revert.py",
     "mace_sparse/cli/report.py", "mace_sparse/cli/predict.py", "mace_sparse/cli/quickstart.py",

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from harness.pipeline.table import mean_std
 from mace_sparse.cli.quickstart import COMMON_FLAGS, FOUNDATION_FLAGS
 
 from .methods import ZERO_SHOT, Method, TrainSettings
@@ -114,17 +115,14 @@ def summarize(results: Sequence[RunResult], zero_shot: Dict[str, float]) -> List
     """Mean ± std per setting, with ratios to full fine-tuning of the same run."""
     labels = list(dict.fromkeys(r.label for r in results))
 
-    def stats(values):
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
     rows = []
     full = [r for r in results if r.unchanged_fraction is None]
-    full_target = stats([r.target_force_mae for r in full])[0] if full else float("nan")
-    full_rise = (stats([r.source_force_mae for r in full])[0] - zero_shot["source"]) if full else float("nan")
+    full_target = mean_std([r.target_force_mae for r in full])[0] if full else float("nan")
+    full_rise = (mean_std([r.source_force_mae for r in full])[0] - zero_shot["source"]) if full else float("nan")
     for label in labels:
         runs = [r for r in results if r.label == label]
-        t_mean, t_std = stats([r.target_force_mae for r in runs])
-        s_mean, s_std = stats([r.source_force_mae for r in runs])
+        t_mean, t_std = mean_std([r.target_force_mae for r in runs])
+        s_mean, s_std = mean_std([r.source_force_mae for r in runs])
         unchanged = [r.unchanged_fraction for r in runs if r.unchanged_fraction is not None]
         rows.append({
             "setting": label,

@@ -10,10 +10,11 @@ head. Every number is measured on the held-out structures by the shared evaluato
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from harness.pipeline.table import mean_std
 
 from .methods import Method, TrainSettings
 from .tasks import BenchCase
@@ -96,7 +97,8 @@ def scores(record: Dict[str, Any]) -> Dict[str, float]:
 
 
 def _mean_std(values: List[float]) -> Dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
 
 
 def summarise(results: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict[str, Dict[str, float]]]:

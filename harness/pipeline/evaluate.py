@@ -28,18 +28,17 @@ import mace  # noqa: F401  (before e3nn)
 import numpy as np
 import torch
 from mace import data
-from mace.tools import torch_geometric
-from mace.tools.utils import AtomicNumberTable
 
 from mace_sparse.artifacts.delta_file import changed_mask, revert_delta
 from mace_sparse.artifacts.fingerprint import model_fingerprint
+from mace_sparse.mace_io import atomic_data, default_dtype, load_trusted_model, loader, z_table
 
 PathLike = Union[str, Path]
 
 
-def load_model(path: Path) -> torch.nn.Module:
-    model = torch.load(str(path), map_location="cpu", weights_only=False)
-    return model.double().eval()
+def load_model(path: PathLike) -> torch.nn.Module:
+    """A saved model as the evaluator scores it: float64, eval mode."""
+    return load_trusted_model(path, dtype=torch.float64, eval_mode=True)
 
 
 def file_elements(path: Path) -> Set[int]:
@@ -96,20 +95,13 @@ def evaluate_file(
     frames); also the force-component RMSE (meV/Å)."""
     model = load_model(Path(model_path))
     frames = list(xyz) if isinstance(xyz, list) else read_frames(Path(xyz))
-    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
     keys = data.KeySpecification(info_keys={"energy": energy_key}, arrays_keys={"forces": forces_key})
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        items = [data.AtomicData.from_config(data.config_from_atoms(a, key_specification=keys), z_table=z_table,
-                                             cutoff=float(model.r_max)) for a in frames]
-    finally:
-        torch.set_default_dtype(previous)
-    loader = torch_geometric.dataloader.DataLoader(items, batch_size=batch_size, shuffle=False)
+    with default_dtype(torch.float64):
+        items = atomic_data(frames, z_table(model), float(model.r_max), keys)
     de, de_atom, df, dm = [], [], [], []
     signed = bool(getattr(getattr(model, "magnetic_head", None), "signed", False))
     offset = 0
-    for batch in loader:
+    for batch in loader(items, batch_size):
         out = model(batch.to_dict(), training=False, compute_force=True)
         counts = (batch.ptr[1:] - batch.ptr[:-1]).double()
         diff = (out["energy"] - batch.energy).detach()
@@ -183,7 +175,7 @@ def count_changed(reference: torch.nn.Module, model: torch.nn.Module) -> ParamCh
 
 def reference_from_sparse_run(model_path: Path, delta_path: Path) -> torch.nn.Module:
     """The step-0 model of a sparse_str run: its saved model with the delta reverted (checked by fingerprint)."""
-    model = torch.load(str(model_path), map_location="cpu", weights_only=False)
+    model = load_trusted_model(model_path)
     return revert_delta(model, delta_path, inplace=True)
 
 

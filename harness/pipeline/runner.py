@@ -29,11 +29,10 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 from harness.experiments.methods import REFERENCE, ZERO_SHOT, Method, TrainSettings, train_command
 from harness.experiments.tasks import BenchCase
 from harness.stepcost.cost import measure_step_costs
+from mace_sparse.mace_io import load_trusted_model, output_paths
 
 from . import evaluate as bench_eval
 from .curve import best_point
@@ -210,7 +209,7 @@ def _errors_dict(prefix: str, errors: Dict[str, float]) -> Dict[str, Any]:
 def _evaluate_run(job: _Job, reference, target: Path, source: Optional[Path]) -> Dict[str, Any]:
     out = job.output
     assert out is not None
-    saved = torch.load(str(out.model), map_location="cpu", weights_only=False)
+    saved = load_trusted_model(out.model)
     change = bench_eval.count_changed(reference, saved)
     del saved
     record: Dict[str, Any] = {
@@ -236,7 +235,7 @@ def _evaluate_run(job: _Job, reference, target: Path, source: Optional[Path]) ->
         record["unchanged_adapted"] = float(sparsity["sparsity_over_adapted_layers"])
         record["unchanged_all"] = float(sparsity["sparsity_over_all_parameters"])
     # a run with the magnetic head also writes <name>_magnetic.model (MACE + head): it scores the moments too
-    magnetic = out.model.with_name(out.model.stem + "_magnetic.model")
+    magnetic = output_paths(out.model.parent, out.model.stem).magnetic
     scored = magnetic if magnetic.is_file() else out.model
     magmoms_key = _magmoms_key(job.case) if magnetic.is_file() else None
     case = job.case

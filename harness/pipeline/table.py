@@ -17,12 +17,12 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from harness.stepcost.schema import PEAK_MEMORY_LIMIT, STEP_TIME_LIMIT  # the limits bench-step checks too
+
 FORCE_VS_FULL = 0.95
 FORCE_VS_LORA = 0.90
 MIN_UNCHANGED_PERCENT = 95.0
 FORGETTING_VS_FULL = 0.5
-STEP_TIME_VS_FULL = 1.10
-PEAK_MEMORY_VS_FULL = 1.20
 
 #: (key, label) of the checks, in column order.
 CHECKS: Tuple[Tuple[str, str], ...] = (
@@ -30,8 +30,8 @@ CHECKS: Tuple[Tuple[str, str], ...] = (
     ("force_vs_lora", f"F ≤ {FORCE_VS_LORA}× LoRA"),
     ("unchanged", f"≥ {MIN_UNCHANGED_PERCENT:.0f}% unchanged"),
     ("forgetting", f"rise ≤ {FORGETTING_VS_FULL}× full's"),
-    ("step_time", f"step ≤ {STEP_TIME_VS_FULL}× full"),
-    ("peak_memory", f"memory ≤ {PEAK_MEMORY_VS_FULL}× full"),
+    ("step_time", f"step ≤ {STEP_TIME_LIMIT}× full"),
+    ("peak_memory", f"memory ≤ {PEAK_MEMORY_LIMIT}× full"),
 )
 
 _AVERAGED = (
@@ -114,8 +114,8 @@ def checks_for(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             # literal rule "rise ≤ 0.5 × full's rise" (also meaningful when full's rise is negative)
             "forgetting": (_at_most(row["source_rise"], FORGETTING_VS_FULL * full["source_rise"])
                            if full and full["source_rise"] is not None else None),
-            "step_time": _at_most(row["step_time_ratio"], STEP_TIME_VS_FULL),
-            "peak_memory": _at_most(row["peak_memory_ratio"], PEAK_MEMORY_VS_FULL),
+            "step_time": _at_most(row["step_time_ratio"], STEP_TIME_LIMIT),
+            "peak_memory": _at_most(row["peak_memory_ratio"], PEAK_MEMORY_LIMIT),
         }
         out.append({"case": row["case"], "method": row["method"], **result})
     return out

@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from mace_sparse.mace_io import output_paths
 from mace_sparse.training import log_tail, run_mace_train
 
 from .curve import STOP_LINE, best_epoch_from_log, parse_curve, run_log
@@ -134,8 +135,8 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
             done.write_text(json.dumps({"args": args, "wall_s": wall, "stopped_early": stopped}))
     log_text = run_log(run_dir)
     epoch_s = median_epoch_seconds(log_text) if log_text else None
-    delta = run_dir / f"{stem}_sparse_delta.safetensors"
-    sparsity = run_dir / f"{stem}_sparsity.json"
+    outputs = output_paths(run_dir, stem)
+    delta, sparsity = outputs.delta, outputs.sparsity
     return TrainOutput(
         run_dir=run_dir, model=run_dir / f"{stem}.model", returncode=returncode, wall_s=wall, epoch_s=epoch_s,
         delta=delta if delta.is_file() else None, sparsity_json=sparsity if sparsity.is_file() else None,

@@ -184,9 +184,9 @@ def train(name: str, epochs: int | None, work: Path) -> float:
 def write_card(name: str, work: Path, epochs: int | None = None) -> Dict:
     """Evaluate the bundled ``<name>.model`` on validation and test frames and write ``<name>.md``."""
     import ase.io
-    import torch
 
     from harness.pipeline.evaluate import errors  # torch and MACE: only for the card
+    from mace_sparse.mace_io import load_trusted_model  # torch: only for the card
 
     model = HERE / f"{name}.model"
     wall = float((work / "wall_s.txt").read_text())
@@ -195,7 +195,7 @@ def write_card(name: str, work: Path, epochs: int | None = None) -> Dict:
     valid = errors(str(model), valid_frames) if valid_frames else {
         "n_configs": 0, "energy_mae_mev_per_atom": float("nan"), "forces_mae_mev_per_A": float("nan"),
         "forces_rmse_mev_per_A": float("nan")}
-    net = torch.load(model, map_location="cpu", weights_only=False)
+    net = load_trusted_model(model)
     meta = {"n_params": sum(p.numel() for p in net.parameters()),
             "n_train": len(ase.io.read(SPECS[name]["data"] / "train.xyz", ":"))}
     cmd = command(name, epochs or SPECS[name]["epochs"])

@@ -174,9 +174,9 @@ def _plot(points: List[Tuple[int, float]], out: Path, name: str) -> None:
 def write_card(name: str, state: Dict) -> Dict:
     """Copy the latest model into the package (if converged) and write the card and its learning-curve PNG."""
     import ase.io
-    import torch
 
     from harness.pipeline.evaluate import errors  # torch and MACE: only for the card
+    from mace_sparse.mace_io import load_trusted_model  # torch: only for the card
 
     spec, work = SPECS[name], WORK / name
     model = work / f"{name}.model"
@@ -190,7 +190,7 @@ def write_card(name: str, state: Dict) -> Dict:
     # before convergence the work directory's .model is the one of the last finished chunk, older than the curve:
     # its test errors would not describe the pretraining shown, so they wait for the converged model
     test = errors(str(source), test_frames) if state["converged"] and source.is_file() else None
-    n_params = (sum(p.numel() for p in torch.load(source, map_location="cpu", weights_only=False).parameters())
+    n_params = (sum(p.numel() for p in load_trusted_model(source).parameters())
                 if source.is_file() else None)
     n_train = len(ase.io.read(spec["data"] / "train.xyz", ":"))
     status = ("converged" if state["converged"] else "**not yet converged** (pretraining still under way; "

@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 
 import torch
 from mace.modules.loss import WeightedEnergyForcesLoss
-from mace.tools.torch_tools import default_dtype
-from mace.tools.utils import AtomicNumberTable
+
+from mace_sparse.mace_io import default_dtype, z_table
 
 from .fixture import MethodState, make_batch, mace_default_args, setup_method
 from .memory import batch_bytes, measure_peak_memory
@@ -95,13 +95,12 @@ def measure_step_costs(
     if "full" not in by_key:
         by_key = {"full": ("full", None), **by_key}
     cpu = torch.device("cpu")
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with default_dtype(torch.float64):
             base = copy.deepcopy(base_model).double()
-            z_table = AtomicNumberTable([int(z) for z in base.atomic_numbers])
-            batch = make_batch(list(frames), z_table, float(base.r_max))
+            batch = make_batch(list(frames), z_table(base), float(base.r_max))
             args = mace_default_args()
             args.lr = lr
             loss_fn = WeightedEnergyForcesLoss(energy_weight=args.energy_weight, forces_weight=args.forces_weight)
@@ -131,7 +130,5 @@ def measure_step_costs(
                     peak = measure_peak_memory(name, base, cfg, margs, step, cpu) + batch_bytes(batch)
                 out[key] = StepCost(statistics.median(wall), peak, trainable[key], statistics.median(cpu_ms))
     finally:
-        # MACE's default_dtype restores the dtype on a normal exit only
-        torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
     return out

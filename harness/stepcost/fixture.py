@@ -13,7 +13,7 @@ three methods differ only in set-up (:func:`setup_method`):
   context: the other parameter-efficient method MACE ships).
 
 The batch is EMT-labelled fcc alloy cells from :func:`harness.data.emt_data.bulk_configs`. Everything here is
-built in torch's current default dtype: callers wrap it in ``mace.tools.torch_tools.default_dtype``.
+built in torch's current default dtype: callers wrap it in :func:`mace_sparse.mace_io.default_dtype`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from ase.data import chemical_symbols
 from e3nn import o3
 from mace import data, modules
 from mace.modules.lora import inject_LoRAs
-from mace.tools import build_default_arg_parser, torch_geometric
+from mace.tools import build_default_arg_parser
 from mace.tools.scripts_utils import get_optimizer, get_params_options
 from mace.tools.utils import AtomicNumberTable
 
 from harness.data import emt_data
-from mace_sparse.artifacts.model_io import load_model
+from mace_sparse import mace_io
 from mace_sparse.config import SparseConfig
 from mace_sparse.optim import register_threshold_decay, sparse_param_groups
 from mace_sparse.sparse_model import get_sparse_model
@@ -61,11 +61,7 @@ def emt_structures(n: int, atoms: int, seed: int = 0, elements: Sequence[str] = 
 def make_batch(atoms_list: Sequence[Any], z_table: Any, cutoff: float) -> Any:
     """A MACE ``Batch`` (energies and forces from ``REF_energy`` / ``REF_forces``) in the default dtype."""
     keys = data.KeySpecification(info_keys={"energy": "REF_energy"}, arrays_keys={"forces": "REF_forces"})
-    items = [
-        data.AtomicData.from_config(data.config_from_atoms(a, key_specification=keys), z_table=z_table, cutoff=cutoff)
-        for a in atoms_list
-    ]
-    return torch_geometric.Batch.from_data_list(items)
+    return mace_io.batch(mace_io.atomic_data(atoms_list, z_table, cutoff, keys))
 
 
 def build_model(cfg: BenchConfig, atoms_list: Sequence[Any], z_table: Any, avg_num_neighbors: float) -> torch.nn.Module:
@@ -101,7 +97,7 @@ def build_model(cfg: BenchConfig, atoms_list: Sequence[Any], z_table: Any, avg_n
 def prepare(cfg: BenchConfig) -> Tuple[torch.nn.Module, Any, Dict[str, int]]:
     """The base model and the batch (in the current default dtype), plus the batch's size."""
     if cfg.model_path is not None:
-        model = load_model(cfg.model_path).to(torch.get_default_dtype())
+        model = mace_io.load_model(cfg.model_path).to(torch.get_default_dtype())
         zs = [int(z) for z in model.atomic_numbers]
         elements = [chemical_symbols[z] for z in zs if chemical_symbols[z] in EMT_ELEMENTS]
         if not elements:

@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, List, Optional
 import mace
 import torch
 from mace.modules.loss import WeightedEnergyForcesLoss
-from mace.tools.torch_tools import default_dtype
+
+from mace_sparse.mace_io import default_dtype
 
 from .breakdown import op_time_diff, overhead_breakdown
 from .fixture import MethodState, mace_default_args, prepare, setup_method
@@ -47,7 +48,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda _msg: No
     methods = [m for m in METHODS if m in cfg.methods or m == REFERENCE]
     device = torch.device(cfg.device)
     threads = int(cfg.threads) if cfg.threads and cfg.threads > 0 else default_threads()
-    previous_threads, previous_dtype = torch.get_num_threads(), torch.get_default_dtype()
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
@@ -55,8 +56,6 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda _msg: No
         with default_dtype(dtype):
             return _run(cfg, methods, device, threads, log)
     finally:
-        # MACE's default_dtype restores the dtype on a normal exit only
-        torch.set_default_dtype(previous_dtype)
         torch.set_num_threads(previous_threads)
 
 

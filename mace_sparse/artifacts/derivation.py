@@ -20,24 +20,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..mace_io import default_dtype, load_model, model_dtype
+
 #: Buffers of the derived model that come from the run's data (E0s, statistics), stored by value.
 DATA_BUFFERS = ("atomic_energies_fn.atomic_energies", "scale_shift.scale", "scale_shift.shift")
 
 
-def _dtype_of(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def _load_source(path: str, dtype: torch.dtype) -> torch.nn.Module:
     """The foundation file as MACE sees it: loaded under the run's default dtype (MACE sets it first)."""
-    from .model_io import load_model
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    with default_dtype(dtype):
         return load_model(path)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def record_derivation(args: Any, derived: torch.nn.Module) -> Optional[Dict[str, Any]]:
@@ -48,7 +40,7 @@ def record_derivation(args: Any, derived: torch.nn.Module) -> Optional[Dict[str,
     path = getattr(args, "foundation_model", None)
     if not path or not os.path.isfile(str(path)) or type(derived).__name__ != "ScaleShiftMACE":
         return None
-    dtype = _dtype_of(derived)
+    dtype = model_dtype(derived)
     source = _load_source(str(path), dtype)
     source_heads = list(getattr(source, "heads", ["Default"]))
     derived_heads = list(getattr(derived, "heads", ["Default"]))
@@ -98,9 +90,7 @@ def replay_derivation(source: torch.nn.Module, derivation: Dict[str, Any]) -> to
     from mace.tools.utils import AtomicNumberTable
 
     dtype = getattr(torch, derivation["dtype"])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # MACE builds every model of a run under the run's default dtype
-    try:
+    with default_dtype(dtype):  # MACE builds every model of a run under the run's default dtype
         model = source
         if len(getattr(model, "heads", ["Default"])) > 1:  # run_train does this whenever the file has heads
             model = remove_pt_head(model, derivation.get("foundation_head"))
@@ -128,5 +118,3 @@ def replay_derivation(source: torch.nn.Module, derivation: Dict[str, Any]) -> to
             for name in buffers:
                 state[name].copy_(torch.as_tensor(values(name), dtype=state[name].dtype).reshape(state[name].shape))
         return derived
-    finally:
-        torch.set_default_dtype(previous)

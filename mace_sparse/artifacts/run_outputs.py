@@ -12,22 +12,19 @@ from typing import Tuple
 
 import torch
 
+from ..mace_io import output_paths
 from .atomic import PathLike
 from .delta_diff import build_delta
 from .delta_format import write_delta
 from .report import report_data, write_sparsity_json
-
-DELTA_SUFFIX = "_sparse_delta.safetensors"
-SPARSITY_SUFFIX = "_sparsity.json"
 
 
 def write_run_artifacts(
     sparse_model: torch.nn.Module, merged: torch.nn.Module, model_dir: PathLike, stem: str
 ) -> Tuple[Path, Path]:
     """Write ``<stem>_sparse_delta.safetensors`` and ``<stem>_sparsity.json`` into ``model_dir`` (atomically)."""
-    directory = Path(model_dir)
+    paths = output_paths(model_dir, stem)
     delta = build_delta(sparse_model, merged=merged)
-    delta_path = write_delta(delta, directory / f"{stem}{DELTA_SUFFIX}")
-    json_path = directory / f"{stem}{SPARSITY_SUFFIX}"
-    write_sparsity_json(delta, json_path, report_data(delta))
-    return delta_path, json_path
+    delta_path = write_delta(delta, paths.delta)
+    write_sparsity_json(delta, paths.sparsity, report_data(delta))
+    return delta_path, paths.sparsity

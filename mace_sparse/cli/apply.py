@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 def run(args: argparse.Namespace) -> int:
     from ..artifacts.delta_file import apply_delta, read_delta_header
     from ..artifacts.atomic import check_writable_file
-    from ..artifacts.model_io import load_model, save_model
+    from ..mace_io import load_model, save_model
 
     check_writable_file(args.output)  # before any slow step: an impossible -o fails at once
     delta = read_delta_header(args.delta)  # whole header checked before the (slower) model load; streams
@@ -58,12 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _single_head(model, head: str):
     """MACE's ``remove_pt_head`` under the model's own dtype (it builds the new model in the default dtype)."""
-    import torch
     from mace.tools.scripts_utils import remove_pt_head
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(next(model.parameters()).dtype)
-    try:
+    from ..mace_io import default_dtype, model_dtype
+
+    with default_dtype(model_dtype(model)):
         return remove_pt_head(model, head)
-    finally:
-        torch.set_default_dtype(previous)

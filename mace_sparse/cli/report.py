@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     verify_streams(delta)  # decoded chunk by chunk and discarded, so memory does not grow with their claims
     data = report_data(delta)
     if args.foundation:
-        from ..artifacts.model_io import load_model
+        from ..mace_io import load_model
 
         foundation = load_model(args.foundation)
         if model_fingerprint(foundation) != delta.foundation_fingerprint:

@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 def run(args: argparse.Namespace) -> int:
     from ..artifacts.delta_file import read_delta_header, revert_delta
     from ..artifacts.atomic import check_writable_file
-    from ..artifacts.model_io import load_model, save_model
+    from ..mace_io import load_model, save_model
 
     check_writable_file(args.output)  # before any slow step: an impossible -o fails at once
     delta = read_delta_header(args.delta)

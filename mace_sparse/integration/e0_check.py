@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from ..config import SparseConfigError
+from ..mace_io import atomic_data, batch, default_dtype, heads, model_dtype, z_table
 
 #: Median |label − prediction| per atom above which the E0s are taken to be on another reference. Chemistry stays
 #: below it: a foundation on data it can fine-tune to is within tenths of an eV/atom, and even E0s that differ
@@ -64,34 +64,17 @@ def foundation_e0s(model: Any, head_index: int = 0) -> Dict[int, float]:
 
 
 def _head(model: Any, args: Any) -> Tuple[str, int]:
-    heads = list(getattr(model, "heads", None) or ["Default"])
+    names = heads(model)
     wanted = getattr(args, "foundation_head", None)
-    name = wanted if wanted in heads else heads[0]
-    return name, heads.index(name)
+    name = wanted if wanted in names else names[0]
+    return name, names.index(name)
 
 
 def predict_energies(model: Any, frames: Sequence[Any], head: str) -> np.ndarray:
     """The foundation's total energies of ``frames`` (one batch, no forces)."""
-    # MACE's data pipeline is imported here: seconds of import that only a run with --E0s foundation needs
-    from mace import data
-    from mace.tools import torch_geometric
-    from mace.tools.utils import AtomicNumberTable
-
-    dtype = next(model.parameters()).dtype
-    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
-    heads = list(getattr(model, "heads", None) or ["Default"])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        items = []
-        for atoms in frames:
-            config = data.config_from_atoms(atoms)
-            config.head = head
-            items.append(data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=heads))
-        batch = torch_geometric.Batch.from_data_list(items)
-        output = model(batch.to_dict(), training=False, compute_force=False)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(model_dtype(model)):
+        items = atomic_data(frames, z_table(model), float(model.r_max), head=head, head_names=heads(model))
+        output = model(batch(items).to_dict(), training=False, compute_force=False)
     return output["energy"].detach().cpu().double().numpy()
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from ..artifacts.atomic import unwritable_reason
-from ..artifacts.model_io import load_model
+from ..mace_io import load_model
 from ..config import SparseConfigError
 from .e0_check import check_e0s
 from .run_guards import explicitly_given

@@ -33,6 +33,7 @@ import yaml
 
 from ..artifacts.atomic import atomic_write_bytes
 from ..config import SparseConfig, SparseConfigError
+from ..mace_io import output_paths
 from ..magnetism.head import HEAD_NAME
 from ..reparametrization import DELTA
 from .arguments import SPARSE_FLAG_DEFAULTS
@@ -118,11 +119,11 @@ def promised_outputs(args: Any, sparse: bool, magnetic: bool) -> List[Tuple[Path
     for stem, suffix in zip(stems, ["", "_stagetwo"]):
         out += [(model_dir / f"{stem}.model", "model"), (model_dir / f"{stem}_compiled.model", "compiled model"),
                 (checkpoints / f"{tag}{suffix}.model", "checkpoint-folder model")]
+        ours = output_paths(model_dir, stem)
         if sparse:
-            out += [(model_dir / f"{stem}_sparse_delta.safetensors", "sparse delta"),
-                    (model_dir / f"{stem}_sparsity.json", "sparsity report")]
+            out += [(ours.delta, "sparse delta"), (ours.sparsity, "sparsity report")]
         if magnetic:
-            out.append((model_dir / f"{stem}_magnetic.model", "model with the magnetic head"))
+            out.append((ours.magnetic, "model with the magnetic head"))
     return out
 
 

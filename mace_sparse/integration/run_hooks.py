@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -24,6 +23,7 @@ from ..artifacts.derivation import record_derivation
 from ..artifacts.run_outputs import write_run_artifacts
 from ..config import SparseConfig
 from ..coverage import coverage_of
+from ..mace_io import output_paths
 from ..magnetism.config import MagneticConfig
 from ..magnetism.head import HEAD_NAME, attach_magnetic_head, detach_magnetic_head, has_magnetic_head
 from ..magnetism.loss import MagneticLoss
@@ -198,7 +198,7 @@ def _record_derivation(args: Any, model: torch.nn.Module) -> Optional[Dict[str, 
 
 
 def _save_magnetic_model(model: torch.nn.Module, model_dir: str, stem: str) -> None:
-    path = Path(model_dir) / f"{stem}_magnetic.model"
+    path = output_paths(model_dir, stem).magnetic
     to_save = copy.deepcopy(model).cpu()
     atomic_write_with(path, lambda tmp: torch.save(to_save, tmp))
     logging.info(f"Saved model with magnetic-moment head to {path}")

@@ -17,6 +17,8 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 import mace  # noqa: F401  (before e3nn)
 
+from ..mace_io import batch as mace_batch
+from ..mace_io import heads, model_data, read_model_file, z_table
 from .model import MagneticMACE
 
 
@@ -30,7 +32,7 @@ def load_magnetic_model(path: Union[str, Path], device: str = "cpu") -> Magnetic
     if not path.is_file():
         raise MagneticModelError(f"{path}: no such file; give the <name>_magnetic.model written by a run with --magmom_weight > 0")
     try:
-        model = torch.load(path, map_location=device, weights_only=False)
+        model = read_model_file(path, device)
     except Exception as exc:  # noqa: BLE001
         raise MagneticModelError(f"{path}: not a torch model file ({type(exc).__name__}); give a <name>_magnetic.model") from None
     if not isinstance(model, MagneticMACE):
@@ -61,30 +63,18 @@ class MagneticMACECalculator(Calculator):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.r_max = float(self.model.r_max)
-        from mace.tools.utils import AtomicNumberTable
-
-        self.z_table = AtomicNumberTable([int(z) for z in self.model.atomic_numbers])
-        self.heads = list(self.model.heads) if self.model.heads is not None else ["Default"]
+        self.z_table = z_table(self.model)
+        self.heads = heads(self.model)
 
     def _batch(self, atoms: Any) -> dict:
-        from mace import data as mace_data
-        from mace.tools import torch_geometric
-
         unknown = sorted(set(atoms.get_chemical_symbols()) - {_symbol(z) for z in self.z_table.zs})
         if unknown:
             raise ValueError(
                 f"elements {', '.join(unknown)} are not in this model (it knows "
                 f"{', '.join(_symbol(z) for z in self.z_table.zs)}); fine-tune on data that contains them"
             )
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            config = mace_data.config_from_atoms(atoms, key_specification=mace_data.KeySpecification())
-            config.head = self.heads[0]
-            graph = mace_data.AtomicData.from_config(config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads)
-        finally:
-            torch.set_default_dtype(previous)
-        batch = torch_geometric.Batch.from_data_list([graph]).to(self.device)
+        graphs = model_data(self.model, [atoms], dtype=self.dtype, table=self.z_table)
+        batch = mace_batch(graphs).to(self.device)
         return batch.to_dict()
 
     def calculate(self, atoms: Any = None, properties: Optional[List[str]] = None,

@@ -12,6 +12,8 @@ from typing import Iterable, List, Sequence, Tuple
 
 import torch
 
+from ..mace_io import loader, model_data
+
 
 def training_frames(files: Iterable[str], limit: int = 64) -> List:
     """Up to ``limit`` frames from the readable training files, in file order."""
@@ -36,8 +38,6 @@ def node_features(
 ) -> Tuple[torch.Tensor, torch.Tensor, List]:
     """Selected node features and one-hot elements of ``model`` on ``frames`` (atoms of every frame in order),
     and the frames used (those made only of the model's elements)."""
-    from mace import data
-    from mace.tools import torch_geometric
     from mace.tools.utils import AtomicNumberTable
 
     reference = next(model.parameters())
@@ -47,24 +47,13 @@ def node_features(
         width = len(feature_index)
         empty = torch.zeros(0, width, dtype=reference.dtype)
         return empty, torch.zeros(0, len(known), dtype=reference.dtype), []
-    z_table = AtomicNumberTable(sorted(known))
-    heads = list(getattr(model, "heads", None) or ["Default"])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(reference.dtype)
-    try:
-        items = []
-        for atoms in frames:
-            config = data.config_from_atoms(atoms, key_specification=data.KeySpecification())
-            config.head = heads[0]
-            items.append(data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=heads))
-    finally:
-        torch.set_default_dtype(previous)
+    items = model_data(model, frames, table=AtomicNumberTable(sorted(known)))
     index = torch.as_tensor(list(feature_index), dtype=torch.long, device=reference.device)
     chunks, attrs = [], []
     was_training = model.training
     model.eval()
     try:
-        for batch in torch_geometric.dataloader.DataLoader(items, batch_size=batch_size, shuffle=False):
+        for batch in loader(items, batch_size):
             batch = batch.to(reference.device)
             out = model(batch.to_dict(), training=False, compute_force=False, compute_virials=False,
                         compute_stress=False)
