@@ -83,7 +83,7 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def z_table(model: torch.nn.Module) -> Any:
     """MACE's ``AtomicNumberTable`` of the model's elements, in the model's order."""
-    from mace.tools.utils import AtomicNumberTable
+    from mace.tools.utils import AtomicNumberTable  # MACE: lazily (module docstring)
 
     return AtomicNumberTable([int(z) for z in model.atomic_numbers])
 
@@ -107,7 +107,7 @@ def atomic_data(
     configuration is evaluated on (MACE's ``"Default"`` if not given); ``head_names``: the model's heads
     (:func:`heads`; MACE takes ``["Default"]`` if not given).
     """
-    from mace import data
+    from mace import data  # MACE: lazily (module docstring)
 
     keys = data.KeySpecification() if keys is None else keys
     items = []
@@ -132,14 +132,14 @@ def model_data(model: torch.nn.Module, frames: Sequence[Any], keys: Optional[Any
 
 def batch(items: Sequence[Any]) -> Any:
     """One MACE ``Batch`` of ``items``."""
-    from mace.tools import torch_geometric
+    from mace.tools import torch_geometric  # MACE: lazily (module docstring)
 
     return torch_geometric.Batch.from_data_list(list(items))
 
 
 def loader(items: Sequence[Any], batch_size: int) -> Any:
     """MACE's ``DataLoader`` over ``items`` in order."""
-    from mace.tools import torch_geometric
+    from mace.tools import torch_geometric  # MACE: lazily (module docstring)
 
     return torch_geometric.dataloader.DataLoader(list(items), batch_size=batch_size, shuffle=False)
 
