@@ -6,6 +6,8 @@ interpreter of the environment, and that must not pull in torch or MACE.
 
 from __future__ import annotations
 
+import importlib  # already loaded by ``site`` before any .pth runs: free
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -42,9 +44,8 @@ def __getattr__(name: str) -> object:
     if module is None:
         raise AttributeError(f"module 'mace_sparse' has no attribute {name!r}")
     if module not in ("mace_sparse.config", "mace_sparse.magnetism.config"):
+        # on first use, not at import: the start-up hook imports this package in every interpreter
         import mace  # noqa: F401  (mace must be imported before e3nn)
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from mace.modules.symmetric_contraction import EmptyParam
 
 from .config import TARGET_KINDS
 from .mace_groups import mace_optimised_parameters
@@ -70,8 +71,6 @@ def coverage_of(model: torch.nn.Module, targets: Sequence[str], exclude_prefixes
 
     Parameters under ``exclude_prefixes`` are trained in full by the caller and left out of the counts.
     """
-    from mace.modules.symmetric_contraction import EmptyParam
-
     every_kind = {t.qualified_name: t.kind for t in find_targets(model, TARGET_KINDS, exclude_prefixes)}
     optimised = mace_optimised_parameters(model)
     asked = set(targets)

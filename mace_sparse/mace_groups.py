@@ -18,7 +18,8 @@ import torch
 def mace_optimised_parameters(model: torch.nn.Module) -> Optional[Dict[str, torch.nn.Parameter]]:
     """``{name: Parameter}`` of the model's Parameters in MACE's optimizer groups, or ``None`` if the model is
     not one MACE's ``get_params_options`` understands (then every learnable Parameter counts)."""
-    try:
+    try:  # here, not at module level: model_walker (so the delta-file modules) imports this module, and
+        # scripts_utils loads all of mace.modules (~3 s), which ``mace_sparse report`` must not pay
         from mace.tools.scripts_utils import get_params_options
     except ImportError:  # pragma: no cover - MACE is a dependency
         return None

@@ -111,9 +111,11 @@ class _Walk:
 
     # ------------------------------------------------------------------------------------------ visitors
     def visit(self, prefix: str, module: torch.nn.Module) -> None:
+        # here, not at module level: the delta-file modules import this one, and ``mace_sparse report`` must read
+        # a delta without loading MACE/e3nn (~3 s); any model being walked has already loaded them
+        from mace.modules.embeddings import GenericJointEmbedding  # mace before e3nn
         from e3nn import o3
         from e3nn.nn._fc import FullyConnectedNet
-        from mace.modules.embeddings import GenericJointEmbedding
         from mace.modules.radial import RadialMLP
         from mace.modules.symmetric_contraction import Contraction
 
@@ -158,7 +160,7 @@ class _Walk:
             self.add("linear", prefix, module, "bias", layouts.single_path(bias.shape, "bias"))
 
     def visit_contraction(self, prefix: str, module) -> None:
-        from mace.modules.symmetric_contraction import SymmetricContraction
+        from mace.modules.symmetric_contraction import SymmetricContraction  # lazily: see ``visit``
 
         parent = self.modules.get(prefix.rsplit(".", 2)[0] if prefix.count(".") >= 2 else "")
         irrep = "?"
@@ -176,7 +178,7 @@ class _Walk:
             self.add("contraction", prefix, owner, name, layout, consumer=module, element_axis=0, qualified=qualified)
 
     def visit_fc_net(self, prefix: str, module) -> None:
-        from e3nn.nn._fc import _Layer
+        from e3nn.nn._fc import _Layer  # lazily: see ``visit``
 
         layers = [(n, m) for n, m in module.named_children() if isinstance(m, _Layer)]
         conv_tp = self.conv_tp_of(prefix)

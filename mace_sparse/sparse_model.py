@@ -216,6 +216,7 @@ def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _empty_param_type() -> type:
+    # here, not at module level: the delta-file modules import this one and must load without MACE (~3 s)
     from mace.modules.symmetric_contraction import EmptyParam
 
     return EmptyParam

@@ -1,11 +1,14 @@
 """Shared fixtures: EMT-labelled data and a tiny foundation pretrained with the real ``mace_run_train``.
 
-The foundation is made once per test session (about 15 s on 2 cores) in a temporary directory.
+The foundation is made once (about 25 s on one loaded core) and cached in pytest's cache directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,20 +48,34 @@ def emt_data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_foundation(tmp_path_factory, emt_data) -> Path:
+def tiny_foundation(request, tmp_path_factory, emt_data) -> Path:
     """Path of a tiny MACE foundation pretrained on EMT bulk cells with ``mace_run_train``."""
-    work = tmp_path_factory.mktemp("foundation")
-    run_mace_train(
-        [
-            "--name", "foundation", "--train_file", emt_data["bulk_train"], "--valid_fraction", "0.2",
-            "--E0s", "average", "--max_num_epochs", "6", "--lr", "0.01", "--seed", "3", "--plot", "False",
-            *FOUNDATION_ARGS, *COMMON_ARGS,
-        ],
-        cwd=work,
-        env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    path = work / "foundation.model"
-    assert path.is_file()
+    return pretrained_once(request, tmp_path_factory, Path(emt_data["bulk_train"]), epochs=6)
+
+
+def pretrained_once(request, tmp_path_factory, train_file: Path, epochs: int) -> Path:
+    """A tiny foundation trained by the real ``mace_run_train`` on ``train_file``, once per checkout.
+
+    Kept in pytest's cache under a key made of everything that decides its weights (the MACE, torch and Python
+    versions, the settings and the training file's bytes), so a later session does not pay the ~25 s again;
+    ``pytest --cache-clear`` retrains. Each session gets its own copy, so no test can alter the cached one.
+    """
+    args = ["--name", "foundation", "--train_file", "train.xyz", "--valid_fraction", "0.2", "--E0s", "average",
+            "--max_num_epochs", str(epochs), "--lr", "0.01", "--seed", "3", "--plot", "False",
+            *FOUNDATION_ARGS, *COMMON_ARGS]
+    digest = hashlib.sha256(repr((mace.__version__, torch.__version__, sys.version_info[:2], args)).encode())
+    digest.update(train_file.read_bytes())
+    cached = Path(request.config.cache.mkdir("foundations")) / digest.hexdigest()[:16] / "foundation.model"
+    if not cached.is_file():
+        work = tmp_path_factory.mktemp("foundation")
+        shutil.copyfile(train_file, work / "train.xyz")
+        with training_allowed():
+            run_mace_train(args, cwd=work, env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work / "foundation.model", cached.with_suffix(".tmp"))
+        os.replace(cached.with_suffix(".tmp"), cached)
+    path = tmp_path_factory.mktemp("foundation_copy") / "foundation.model"
+    shutil.copyfile(cached, path)
     return path
 
 
@@ -129,21 +146,16 @@ def oxide_frames():
 
 
 @pytest.fixture(scope="session")
-def oxide_foundation(tmp_path_factory, oxide_frames):
+def oxide_foundation(request, tmp_path_factory, oxide_frames):
     """A tiny MACE pretrained (energies and forces only, never moments) on the oxide cells."""
     import ase.io
 
-    work = tmp_path_factory.mktemp("oxide_foundation")
+    work = tmp_path_factory.mktemp("oxide_pretraining_data")
     frames = [a.copy() for a in oxide_frames[:16]]
     for a in frames:
         a.arrays.pop("REF_magmoms", None)
     ase.io.write(work / "pre.xyz", frames)
-    run_mace_train(
-        ["--name", "foundation", "--train_file", work / "pre.xyz", "--valid_fraction", "0.2", "--E0s", "average",
-         "--max_num_epochs", "4", "--lr", "0.01", "--seed", "3", "--plot", "False", *FOUNDATION_ARGS, *COMMON_ARGS],
-        cwd=work, env_extra={"MACE_SPARSE_DISABLE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    return work / "foundation.model"
+    return pretrained_once(request, tmp_path_factory, work / "pre.xyz", epochs=4)
 
 
 #: How every one-line refusal of ``mace_run_train`` starts.
@@ -180,14 +192,49 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-def random_orthogonal(det: int, seed: int):
-    """A random 3×3 orthogonal matrix of determinant ``det`` (+1: rotation, −1: rotation times reflection)."""
-    import numpy as np
+#: What a fast-tier test must not start (the definition of the ``slow`` marker). Only the cached foundations of
+#: :func:`pretrained_once` may (inside :func:`training_allowed`).
+SLOW_PROGRAMS = ("mace_run_train", "mace_sparse_train", "torchrun", "jupyter", "jupyter-nbconvert")
+_GUARD = {"test": None, "allowed": 0}
+_REAL_POPEN_INIT = subprocess.Popen.__init__
 
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q @ np.diag(np.sign(np.diag(r)))
-    if np.sign(np.linalg.det(q)) != det:
-        q[:, 0] *= -1
-    assert np.allclose(q @ q.T, np.eye(3)) and round(np.linalg.det(q)) == det
-    return q
+
+def _starts_slow_program(args) -> bool:
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    words = [os.path.basename(str(a).split()[0]) for a in argv[:4] if str(a).strip()]
+    return any(w in SLOW_PROGRAMS for w in words)
+
+
+def _guarded_popen_init(self, args, *a, **kw):
+    if _GUARD["test"] is not None and not _GUARD["allowed"] and _starts_slow_program(args):
+        raise AssertionError(f"{_GUARD['test']} starts {args!r} (in the test or one of its fixtures) but is not "
+                             "marked slow; add @pytest.mark.slow: the fast tier, pytest -m 'not slow', starts no "
+                             "training")
+    _REAL_POPEN_INIT(self, args, *a, **kw)
+
+
+subprocess.Popen.__init__ = _guarded_popen_init
+
+
+@contextlib.contextmanager
+def training_allowed():
+    """Lets a cached, once-per-checkout foundation be trained from a fast-tier test's fixtures."""
+    _GUARD["allowed"] += 1
+    try:
+        yield
+    finally:
+        _GUARD["allowed"] -= 1
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """Keep the tiers honest: a fast-tier test whose fixtures start ``mace_run_train``/``torchrun`` fails."""
+    _GUARD["test"] = None if item.get_closest_marker("slow") else item.nodeid
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    _GUARD["test"] = None if item.get_closest_marker("slow") else item.nodeid
+    yield
+    _GUARD["test"] = None

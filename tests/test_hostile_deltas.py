@@ -223,6 +223,7 @@ def peak_rss_mb(argv):
     return int(rc), stderr, int(rss_kb) / 1024
 
 
+@pytest.mark.slow
 def test_memory_bombs_are_refused_in_one_line_within_bounded_memory(genuine, tmp_path):
     """The issue's bombs (2^29 entries from ~80 KB of lzma: 4.4 GB allocated before; 2^30 bytes from 1 MB of
     zlib: 2.3 GB) stay within a small margin of the RSS of the same command on a genuine delta.
@@ -325,6 +326,7 @@ def test_cli_model_options_accept_the_bundled_foundation_names(tmp_path, capsys)
 # ------------------------------------------------------------------------------------ item 10: a full disk
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_apply_is_one_line_and_leaves_nothing(genuine, tmp_path):
     """``RLIMIT_FSIZE`` makes every write past 16 KB fail with EFBIG, as a full disk fails with ENOSPC: torch.save
     then raises ``RuntimeError ... unexpected pos`` deep in its zip writer (a double traceback before)."""

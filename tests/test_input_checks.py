@@ -127,6 +127,7 @@ def test_foundation_that_is_a_directory(run_train_module, emt_data, tmp_path, mo
 # ---------------------------------------------------------------------------------------- item 6: elements
 
 
+@pytest.mark.slow
 def test_elements_missing_from_the_foundation_fail_before_anything_is_written(tiny_foundation, bad_data, tmp_path):
     """The real executable: one line naming the element, where it is and the fix; no logs/checkpoints/results."""
     work = tmp_path / "work"

@@ -150,6 +150,7 @@ def _log_text(work):
     return "\n".join(p.read_text() for p in (work / "logs").glob("*.log"))
 
 
+@pytest.mark.slow
 def test_mixed_file_trains_and_reports_moment_errors(magnetic_run, oxide_files, oxide_foundation):
     """Frames with and without moments train together; the errors reach the log lines and the error tables;
     the head was trained away from its least-squares start. (Accuracy is measured by ``bench-magnetic``: a
@@ -175,6 +176,7 @@ def test_mixed_file_trains_and_reports_moment_errors(magnetic_run, oxide_files, 
     assert not torch.allclose(trained.magnetic_head.element_weight, initial.element_weight)  # and it trained
 
 
+@pytest.mark.slow
 def test_outputs_plain_model_and_magnetic_model(magnetic_run, oxide_frames):
     from mace.calculators import MACECalculator
 
@@ -208,6 +210,7 @@ def test_outputs_plain_model_and_magnetic_model(magnetic_run, oxide_frames):
     assert atoms.get_magnetic_moment() == pytest.approx(moments.sum())
 
 
+@pytest.mark.slow
 def test_predict_command_writes_moments_and_refuses_plain_model(magnetic_run, oxide_files):
     from mace_sparse.cli import main
 
@@ -248,6 +251,7 @@ def _bad_file(tmp_path, oxide_frames, mutate):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -19,6 +19,8 @@ KIND_COLOURS = {"linear": "tab:blue", "skip_tp": "tab:orange", "contraction": "t
 
 
 def _pyplot():
+    # here, not at module level: only ``--plot`` needs matplotlib (~0.4 s), and the Agg backend must be chosen
+    # before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -20,6 +20,11 @@ import torch
 
 from .atomic import PathLike, atomic_write_bytes
 
+try:
+    from ase.data import chemical_symbols
+except ImportError:  # pragma: no cover - ASE comes with MACE
+    chemical_symbols = []
+
 
 def _percent(changed: int, size: int) -> float:
     return 100.0 * changed / size if size else 0.0
@@ -27,10 +32,6 @@ def _percent(changed: int, size: int) -> float:
 
 def element_symbols(atomic_numbers: Sequence[int]) -> List[str]:
     """Chemical symbols for atomic numbers (``Z<n>`` if ASE is missing or the number is unknown)."""
-    try:
-        from ase.data import chemical_symbols
-    except ImportError:  # pragma: no cover - ASE comes with MACE
-        chemical_symbols = []
     return [chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z{z}" for z in atomic_numbers]
 
 

@@ -13,6 +13,8 @@ import logging
 import sys
 import time
 
+from ..artifacts.atomic import atomic_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -31,9 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    # ASE, torch and MACE here, not at module level: ``mace_sparse --help`` imports every subcommand module
     import ase.io
 
-    from ..artifacts.atomic import atomic_path
     from ..magnetism.calculator import MagneticMACECalculator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(levelname)s: %(message)s",

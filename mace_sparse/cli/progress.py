@@ -1,8 +1,9 @@
 """Progress lines of the long ``mace_sparse`` commands, in the form MACE users read in ``mace_run_train`` logs.
 
-``mace_run_train`` logs ``2026-01-01 12:00:00.123 INFO: Epoch 3: ...`` through :mod:`logging`; the package's
-long commands (``calibrate``, ``bench-step``, ``quickstart``) log the same way on stderr, so a run that takes
-minutes shows where it is and when it got there, while stdout stays reserved for the command's result.
+``mace_run_train`` logs ``2026-01-01 12:00:00.123 INFO: Epoch 3: ...`` through :mod:`logging`; the long
+commands (``quickstart``; ``calibrate`` and ``bench-step``, whose work lives in the checkout's ``harness/``) log
+the same way on stderr, so a run that takes minutes shows where it is and when it got there, while stdout stays
+reserved for the command's result.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
     mace_sparse report ft_sparse_delta.safetensors [--foundation F.model] [--plot DIR] [--json]
 
-Works from the delta file alone (MACE is not even imported). ``--foundation`` checks that the delta belongs
-to that model and adds the relative size of the change per layer; ``--json`` prints only JSON on stdout.
+Works from the delta file alone (without ``--foundation`` MACE is not even imported). ``--foundation`` checks
+that the delta belongs to that model and adds the relative size of the change per layer; ``--json`` prints
+only JSON on stdout.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 
+from ..artifacts.atomic import OutputPathError, unwritable_reason
 from . import foundation_path
 
 
@@ -30,13 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch-backed modules here, not at module level: ``mace_sparse --help`` imports every subcommand module
     from ..artifacts.delta_file import DeltaMismatchError, decode_delta, read_delta_header, verify_streams
     from ..artifacts.fingerprint import model_fingerprint
     from ..artifacts.report import add_relative_change, format_report, report_data
 
     if args.plot:
-        from ..artifacts.atomic import OutputPathError, unwritable_reason
-
         reason = unwritable_reason(args.plot)
         if reason is not None:
             raise OutputPathError(f"cannot write plots into {args.plot}: {reason}; choose a writable --plot DIR")
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     verify_streams(delta)  # decoded chunk by chunk and discarded, so memory does not grow with their claims
     data = report_data(delta)
     if args.foundation:
-        from ..mace_io import load_model
+        from ..mace_io import load_model  # only with --foundation
 
         foundation = load_model(args.foundation)
         if model_fingerprint(foundation) != delta.foundation_fingerprint:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             )
         add_relative_change(data, decode_delta(delta, foundation), foundation)  # bounded by the model's tensors
     if args.plot:
-        from ..artifacts.plots import write_plots
+        from ..artifacts.plots import write_plots  # only with --plot (numpy, matplotlib)
 
         written = write_plots(data, args.plot)
         sys.stderr.write(f"mace_sparse report: wrote {', '.join(str(p) for p in written)}\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..artifacts.atomic import check_writable_file
 from . import foundation_path
 
 
@@ -29,8 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch-backed modules here, not at module level: ``mace_sparse --help`` imports every subcommand module
     from ..artifacts.delta_file import read_delta_header, revert_delta
-    from ..artifacts.atomic import check_writable_file
     from ..mace_io import load_model, save_model
 
     check_writable_file(args.output)  # before any slow step: an impossible -o fails at once

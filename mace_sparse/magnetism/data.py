@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+import ase.io
 import numpy as np
 
 MAGMOMS = "magmoms"
@@ -52,8 +53,6 @@ def check_moment_file(path: str, key: str) -> int:
     A frame may lack the key (its weight is 0), but where present the array must hold one finite number per
     atom (3-vectors are refused: the head predicts collinear moments).
     """
-    import ase.io
-
     labelled = 0
     for index, atoms in enumerate(ase.io.iread(path, index=":")):
         if key not in atoms.arrays:
@@ -93,8 +92,6 @@ def check_moment_files(train_files: Iterable[str], other_files: Iterable[str], k
 
 def element_mean_moments(files: Iterable[str], key: str, signed: bool = False) -> Dict[int, float]:
     """Mean reference moment per atomic number over the labelled frames of the extxyz ``files``."""
-    import ase.io
-
     sums: Dict[int, float] = {}
     counts: Dict[int, int] = {}
     for path in files:

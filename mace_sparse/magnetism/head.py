@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .config import MagneticConfig
+from .statistics import node_features, per_element_linear_fit
 
 HEAD_NAME = "magnetic_head"
 
@@ -125,10 +127,6 @@ def attach_magnetic_head(
 @torch.no_grad()
 def _initialise_from_data(model: torch.nn.Module, head: MagneticHead, frames: Sequence, config: MagneticConfig) -> None:
     """Input standardisation from the foundation's features on ``frames``, then the least-squares linear map."""
-    import numpy as np
-
-    from .statistics import node_features, per_element_linear_fit
-
     features, attrs, used = node_features(model, frames, head.feature_index.tolist())
     if features.shape[0] < 2:
         return
