@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _single_head(model, head: str):
     """MACE's ``remove_pt_head`` under the model's own dtype (it builds the new model in the default dtype)."""
+    # MACE and torch only here, with --head (``mace_sparse --help`` imports every subcommand module)
     from mace.tools.scripts_utils import remove_pt_head
 
     from ..mace_io import default_dtype, model_dtype

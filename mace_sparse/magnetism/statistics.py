@@ -38,7 +38,7 @@ def node_features(
 ) -> Tuple[torch.Tensor, torch.Tensor, List]:
     """Selected node features and one-hot elements of ``model`` on ``frames`` (atoms of every frame in order),
     and the frames used (those made only of the model's elements)."""
-    from mace.tools.utils import AtomicNumberTable
+    from mace.tools.utils import AtomicNumberTable  # MACE: only where the head is initialised (a run has it loaded)
 
     reference = next(model.parameters())
     known = {int(z) for z in model.atomic_numbers}
