@@ -238,3 +238,16 @@ def pytest_runtest_call(item):
     _GUARD["test"] = None if item.get_closest_marker("slow") else item.nodeid
     yield
     _GUARD["test"] = None
+
+
+def random_orthogonal(det: int, seed: int):
+    """A random 3×3 orthogonal matrix of determinant ``det`` (+1: rotation, −1: rotation times reflection)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q @ np.diag(np.sign(np.diag(r)))
+    if np.sign(np.linalg.det(q)) != det:
+        q[:, 0] *= -1
+    assert np.allclose(q @ q.T, np.eye(3)) and round(np.linalg.det(q)) == det
+    return q

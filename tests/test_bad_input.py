@@ -100,6 +100,7 @@ def results(tiny_foundation, emt_data, tmp_path_factory):
         return {name: f.result() for name, f in futures.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
 def test_bad_input_fails_early_with_one_clear_line(results, name):
     proc, work = results[name]
