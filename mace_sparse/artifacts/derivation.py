@@ -18,9 +18,11 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from ..mace_io import default_dtype, load_model, model_dtype
+from .fingerprint import model_fingerprint
 
 #: Buffers of the derived model that come from the run's data (E0s, statistics), stored by value.
 DATA_BUFFERS = ("atomic_energies_fn.atomic_energies", "scale_shift.scale", "scale_shift.shift")
@@ -35,8 +37,6 @@ def _load_source(path: str, dtype: torch.dtype) -> torch.nn.Module:
 def record_derivation(args: Any, derived: torch.nn.Module) -> Optional[Dict[str, Any]]:
     """The inputs of MACE's derivation of ``derived`` from ``args.foundation_model`` (``None`` if not a file or
     not a ``ScaleShiftMACE``, the only foundation class MACE rebuilds offline)."""
-    from .fingerprint import model_fingerprint
-
     path = getattr(args, "foundation_model", None)
     if not path or not os.path.isfile(str(path)) or type(derived).__name__ != "ScaleShiftMACE":
         return None
@@ -83,7 +83,8 @@ def describe(derivation: Dict[str, Any]) -> str:
 
 def replay_derivation(source: torch.nn.Module, derivation: Dict[str, Any]) -> torch.nn.Module:
     """Repeat MACE's derivation on ``source`` (the user's foundation file, as loaded) with MACE's own functions."""
-    import numpy as np
+    # MACE here, not at module level: the delta layers import this module and `mace_sparse report` reads a
+    # delta without loading MACE (~3 s); only a replay (apply/revert on a derived model) needs it
     from mace import modules
     from mace.tools.finetuning_utils import load_foundations_elements
     from mace.tools.scripts_utils import extract_config_mace_model, remove_pt_head

@@ -32,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch-backed modules here, not at module level: ``mace_sparse --help`` imports every subcommand module
     from ..artifacts.delta_file import apply_delta, read_delta_header
     from ..artifacts.atomic import check_writable_file
     from ..mace_io import load_model, save_model

@@ -13,6 +13,7 @@ from typing import Any, List, Optional, Union
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
+from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 import mace  # noqa: F401  (before e3nn)
@@ -97,6 +98,4 @@ class MagneticMACECalculator(Calculator):
 
 
 def _symbol(z: int) -> str:
-    from ase.data import chemical_symbols
-
     return chemical_symbols[int(z)]

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence, Tuple
 
+import ase.io
 import torch
 
 from ..mace_io import loader, model_data
+from .data import _is_xyz
 
 
 def training_frames(files: Iterable[str], limit: int = 64) -> List:
     """Up to ``limit`` frames from the readable training files, in file order."""
-    import ase.io
-
-    from .data import _is_xyz
-
     frames: List = []
     for path in files:
         if len(frames) >= limit or not _is_xyz(path):
