@@ -57,6 +57,8 @@ def test_calibration_logs_each_epoch(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(training, "mace_run_train_executable", lambda: str(script))
     method = next(m for m in calibration.methods() if m.name == "linear")
     job = runner._Job(case=calibration.case(tmp_path / "f.model"), method=method, seed=0, run_dir=tmp_path / "run", args=["--seed", "0"])
+    # a bench command run earlier in this process gives the logger its own handler and stops propagation
+    monkeypatch.setattr(logging.getLogger("mace_sparse.bench"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="mace_sparse.bench"):
         runner._execute([job], parallel=1, echo_epochs=True)
     epochs = [r for r in caplog.records if "Epoch" in r.getMessage()]
