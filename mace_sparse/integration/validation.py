@@ -65,15 +65,20 @@ def refuse(args: Any, feature: str, incompatible: List[Tuple[str, str]]) -> None
             fail(f"{feature} cannot be combined with {text}")
 
 
+def _parsed(build: Callable[[Any], Any], error: type, args: Any) -> Any:
+    """The config ``build`` makes of the flags (``None``: the feature is off); its refusal as one line."""
+    try:
+        return build(args)
+    except error as exc:
+        fail(str(exc))
+
+
 def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
     """Check the sparse flags, MACE's flags, the foundation, the data and the output dirs; one line on error.
 
     Runs before MACE's ``run()`` body, whose first act is to create ``--log_dir``: a refused run writes nothing.
     """
-    try:
-        config = sparse_config_from_args(args)
-    except SparseConfigError as exc:
-        fail(str(exc))
+    config = _parsed(sparse_config_from_args, SparseConfigError, args)
     if config is None:
         return None
     refuse(args, "--finetune-method sparse_str", [
@@ -91,10 +96,7 @@ def validate_sparse_args(args: Any) -> Optional[SparseConfig]:
 
 def validate_magnetic_args(args: Any) -> Optional[MagneticConfig]:
     """Check the ``--magmom*`` flags and the moment labels in the data files; exits with one line if bad."""
-    try:
-        config = magnetic_config_from_args(args)
-    except MagneticConfigError as exc:
-        fail(str(exc))
+    config = _parsed(magnetic_config_from_args, MagneticConfigError, args)
     if config is None:
         return None
     refuse(args, "the magnetic head (--magmom_weight > 0)", [
