@@ -64,7 +64,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2,
                    help="mace_run_train runs at a time, one OpenMP thread each (default 2, for 2 cores). Results do "
                         "not depend on it: every run is seeded, and step cost is measured afterwards, alone")
-    p.add_argument("--cost-rounds", dest="cost_rounds", type=int, default=None, help="interleaved timing rounds")
+    p.add_argument("--cost-rounds", dest="cost_rounds", type=int, default=None, help="interleaved timing rounds of the step cost (0: not measured; default: the mode's)")
     p.add_argument("--no-memory", dest="measure_memory", action="store_false", help="skip the peak-memory part")
     p.add_argument("--freeze", type=int, default=5, help="N of MACE's --freeze for the freeze method")
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=4)
@@ -188,7 +188,8 @@ def _bench(args: argparse.Namespace) -> str:
                                            patience=patience, ema=ema)
     options = bench_runner.BenchOptions(
         methods=methods, seeds=list(seeds), settings=settings, out=out, jobs=args.jobs,
-        cost_rounds=args.cost_rounds or mode["cost_rounds"], measure_memory=args.measure_memory,
+        cost_rounds=mode["cost_rounds"] if args.cost_rounds is None else args.cost_rounds,
+        measure_memory=args.measure_memory,
         freeze=args.freeze, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, epochs_by_task=epochs,
         lr_grid=tuple(lr_grid) if len(lr_grid) > 1 else (),
     )
