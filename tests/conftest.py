@@ -226,16 +226,21 @@ def training_allowed():
         _GUARD["allowed"] -= 1
 
 
+def _guard(item) -> None:
+    """Arm the guard for a fast-tier test (its fixtures and its body), disarm it for a slow one."""
+    _GUARD["test"] = None if item.get_closest_marker("slow") else item.nodeid
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     """Keep the tiers honest: a fast-tier test whose fixtures start ``mace_run_train``/``torchrun`` fails."""
-    _GUARD["test"] = None if item.get_closest_marker("slow") else item.nodeid
+    _guard(item)
     yield
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    _GUARD["test"] = None if item.get_closest_marker("slow") else item.nodeid
+    _guard(item)
     yield
     _GUARD["test"] = None
 
