@@ -10,6 +10,13 @@ convergence test is applied to the validation curve logged so far. Kill it at an
 again: it continues from the last checkpoint (MACE writes one whenever the validation loss improves, with the
 EMA weights, optimizer and scheduler state). ``--hours`` stops cleanly after the chunk that crosses the budget.
 
+The learning rate follows MACE's ReduceLROnPlateau within a chunk and a step schedule between chunks
+(``lr_steps`` of :data:`SPECS`): at the first chunk boundary at or after each step's epoch the learning rate
+stored in the checkpoint to resume from is lowered to the step's value (never raised; Adam's moments are kept).
+MACE's plateau test alone never fired here: with a relative threshold of 1e-4 every noisy new best resets it, and
+the runs sat at lr 0.01 for 55+ epochs while still improving about 1 % per epoch. The steps were placed so that
+pretraining fits the CPU budget of two sessions; the convergence test below is applied unchanged.
+
 Converged means: the best validation force MAE improved by less than :data:`CONVERGED_GAIN` (2 %) over the last
 :data:`TAIL` (20 %) of the epochs run, after at least :data:`MIN_EPOCHS`. When it is, the EMA model of the best
 epoch is copied to ``mace_sparse/foundations/<name>.model`` and the card ``<name>.md`` (data, command, wall
@@ -54,6 +61,7 @@ SPECS: Dict[str, Dict] = {
                  "--num_radial_basis", "8", "--radial_MLP", "[64,64,64]"],
         "loss": ["--loss", "weighted", "--energy_weight", "1", "--forces_weight", "10"],
         "note": "Trained on energies and forces of molecules (no periodic cells, no stress).",
+        "lr_steps": [(59, 0.003), (67, 0.001), (75, 0.0003)],
     },
     "inorganic-s": {
         "data": DATA / "inorganic_s",
@@ -66,6 +74,7 @@ SPECS: Dict[str, Dict] = {
         "loss": ["--loss", "stress", "--stress_key", "REF_stress", "--energy_weight", "1", "--forces_weight", "10",
                  "--stress_weight", "100"],
         "note": "Trained on energies, forces and stress; CHGNet's moments (`REF_magmoms`) are not trained on.",
+        "lr_steps": [(32, 0.003), (40, 0.001), (48, 0.0003)],
     },
 }
 
@@ -113,6 +122,67 @@ def convergence(points: List[Tuple[int, float]]) -> Dict:
             "converged": epochs >= MIN_EPOCHS and gain < CONVERGED_GAIN}
 
 
+def scheduled_lr(done: int, steps: List[Tuple[int, float]]) -> Optional[float]:
+    """The learning rate the step schedule asks for once ``done`` epochs are logged (None before the first step)."""
+    reached = [lr for epoch, lr in sorted(steps) if done >= epoch]
+    return reached[-1] if reached else None
+
+
+def chunk_end(done: int, chunk: int, max_epochs: int, steps: List[Tuple[int, float]]) -> int:
+    """``--max_num_epochs`` of the next chunk: it stops at the next schedule step so the step lands on time."""
+    ahead = [epoch for epoch, _ in steps if epoch > done]
+    return min([done + chunk, max_epochs, *ahead])
+
+
+def lower_lr(checkpoint: Path, lr: float) -> Optional[float]:
+    """Lower the learning rate stored in a MACE checkpoint to ``lr`` (in place, atomically); return the old one.
+
+    Every optimizer group and the scheduler's ``_last_lr`` get ``min(current, lr)``, so a reduction MACE's own
+    plateau scheduler already made is kept; the plateau counters restart, the moments of Adam are untouched.
+    Returns None (and writes nothing) when nothing was above ``lr``.
+    """
+    import torch  # only when a step is due
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # our own checkpoint, not user input
+    groups = state["optimizer"]["param_groups"]
+    old = max(g["lr"] for g in groups)
+    if old <= lr:
+        return None
+    for group in groups:
+        group["lr"] = min(group["lr"], lr)
+    scheduler = state.get("lr_scheduler") or {}
+    if "_last_lr" in scheduler:
+        scheduler["_last_lr"] = [g["lr"] for g in groups]
+    for counter in ("num_bad_epochs", "cooldown_counter"):
+        if counter in scheduler:
+            scheduler[counter] = 0
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(checkpoint)
+    return old
+
+
+def latest_checkpoint(work: Path) -> Optional[Path]:
+    """The checkpoint ``--restart_latest`` resumes from (MACE's highest epoch number)."""
+    found = [(int(m.group(1)), p) for p in (work / "checkpoints").glob("*_epoch-*.pt")
+             if (m := re.search(r"_epoch-(\d+)\.pt$", p.name))]
+    return max(found)[1] if found else None
+
+
+def apply_schedule(work: Path, done: int, steps: List[Tuple[int, float]]) -> None:
+    """Lower the resumed checkpoint's lr to the schedule's value and record it in ``lr_schedule.log``."""
+    lr = scheduled_lr(done, steps)
+    checkpoint = latest_checkpoint(work)
+    if lr is None or checkpoint is None:
+        return
+    old = lower_lr(checkpoint, lr)
+    if old is not None:
+        line = f"after {done} epochs: lr {old:g} -> {lr:g} in {checkpoint.name}"
+        with (work / "lr_schedule.log").open("a") as log:
+            log.write(line + "\n")
+        print(line, flush=True)
+
+
 def _wall(work: Path) -> float:
     f = work / "wall_s.txt"
     return float(f.read_text()) if f.is_file() else 0.0
@@ -135,7 +205,8 @@ def run_chunks(name: str, chunk: int, max_epochs: int, hours: Optional[float], t
         if hours is not None and time.time() - started > hours * 3600:
             print(f"time budget of {hours} h used; run the same command again to continue", flush=True)
             return state
-        cmd = command(name, min(done + chunk, max_epochs))
+        apply_schedule(work, done, spec.get("lr_steps", []))
+        cmd = command(name, chunk_end(done, chunk, max_epochs, spec.get("lr_steps", [])))
         print(f"$ {' '.join(cmd)}", flush=True)
         base, written = _wall(work), [0.0]
 
@@ -201,6 +272,9 @@ def write_card(name: str, state: Dict) -> Dict:
     test_row = (f"| test | {test['n_configs']} | {test['energy_mae_mev_per_atom']:.1f} | "
                 f"{test['forces_mae_mev_per_A']:.1f} | {test['forces_rmse_mev_per_A']:.1f} |") if test else "| test | – | measured once converged | – | – |"
     gain = f"{100 * state['tail_gain']:.2f} %" if state.get("tail_gain") is not None else "–"
+    steps = ", ".join(f"({e}, {lr:g})" for e, lr in spec.get("lr_steps", [])) or "(none)"
+    log = work / "lr_schedule.log"
+    schedule_log = log.read_text().strip() if log.is_file() else "(no step applied yet)"
     text = f"""# Benchmark foundation `{name}`
 
 A {spec['stand_in_for']}-shaped MACE pretrained here with the real `mace_run_train` (mace-torch 0.3.16), for the
@@ -244,6 +318,12 @@ benchmarks (issue: a regime like the users'), not for production. Use it as `--f
 ```
 
 with `--max_num_epochs` raised by the chunk size each time (`MACE_SPARSE_DISABLE=1 OMP_NUM_THREADS=1`).
+Learning rate: 0.01 with MACE's ReduceLROnPlateau inside each chunk, lowered between chunks by the step schedule
+{steps} (epoch, lr); what was applied, from `harness/foundations/{name}/lr_schedule.log`:
+
+```
+{schedule_log}
+```
 """
     (BUNDLE / f"{name}.md").write_text(text)
     summary = {"name": name, **state, "n_params": n_params, "test": test, "wall_s": _wall(work)}
