@@ -25,6 +25,11 @@ GRANULARITIES: Tuple[str, ...] = ("layer", "path")
 #: ``absolute``: δ in the weight's units (the paper); ``relative``: δ as a fraction of each tensor's rms.
 THRESHOLD_SCALES: Tuple[str, ...] = ("absolute", "relative")
 
+#: How a budget ranks the entries it lets change: ``magnitude`` by the latent |ΔW| (relative to the tensor's scale
+#: with relative thresholds), ``fisher`` by the accumulated squared gradient, an importance signal that does not
+#: depend on the gradient keeping its sign (:mod:`mace_sparse.budget`).
+SELECTIONS: Tuple[str, ...] = ("magnitude", "fisher")
+
 
 class SparseConfigError(ValueError):
     """A setting the method cannot honour; the message names the problem and the fix in one line."""
@@ -76,6 +81,8 @@ class SparseConfig:
             threshold (``mace_sparse.support``), removing the soft threshold's shrinkage of every kept entry.
         budget: at most this share (0 < F < 1) of the model's weights may differ from the foundation, at every
             step (a global cut on |ΔW| / scale; ``mace_sparse.budget``). ``None``: no budget, λ_τ alone decides.
+        selection: how the budget ranks entries: ``magnitude`` (latent |ΔW|) or ``fisher`` (accumulated squared
+            gradient of the loss with respect to the weight, the diagonal empirical Fisher). Needs a budget.
     """
 
     flag_prefix: ClassVar[str] = "sparse_"  # the flags are --sparse_<field> (mace_sparse.flags)
@@ -130,6 +137,11 @@ class SparseConfig:
         help="share of the foundation's weights allowed to change (e.g. 0.05): a global cut keeps at most that "
         "many entries non-zero at every step, whatever the task or run length (replaces lambda_tau)",
     )
+    selection: str = setting(
+        "magnitude", choices=SELECTIONS,
+        help="how --sparse_budget picks the entries that may change: 'magnitude' (largest latent |delta|) or "
+        "'fisher' (largest accumulated squared gradient, the diagonal empirical Fisher)",
+    )
     retrain_support: bool = setting(
         False,
         help="True: when MACE's stage two (--swa) starts, fix which delta entries may move and retrain them "
@@ -143,6 +155,12 @@ class SparseConfig:
     def validate(self) -> None:
         """Raise :class:`SparseConfigError` with a one-line message for any setting out of range."""
         check_settings(self, SparseConfigError)
+        if self.selection == "fisher" and self.budget is None:
+            raise SparseConfigError("--sparse_selection fisher ranks entries for a budget: give --sparse_budget F "
+                                    "too (e.g. 0.05), or leave --sparse_selection at magnitude")
+        if self.selection == "fisher" and not self.straight_through:
+            raise SparseConfigError("--sparse_selection fisher needs --sparse_straight_through True: the exact "
+                                    "threshold gradient is zero outside the selection, so nothing new could enter it")
 
     def to_dict(self) -> dict:
         """JSON-friendly view, written into logs and delta-file metadata."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
+from .budget import accumulate_importance, track_importance
 from .sparse_model import delta_parameters, threshold_parameters
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def sparse_param_groups(
     ``config.delta_lr_factor × base_lr`` with the gradient-scaled update of ``config.delta_eps``.
     """
     threshold_lr = config.threshold_lr if config.threshold_lr is not None else base_lr
+    track_importance(model)  # a budget ranked by importance reads the gradients of exactly these deltas
     return add_threshold_group(param_groups, model, threshold_lr, config.threshold_weight_decay,
                                config.delta_eps, delta_lr=config.delta_lr_factor * base_lr)
 
@@ -129,7 +131,9 @@ def normalize_delta_gradients(optimizer: torch.optim.Optimizer, *_args, **_kwarg
 
 
 def sparse_pre_step(optimizer: torch.optim.Optimizer, *args, **kwargs) -> None:
-    """Optimizer step pre-hook: gradient-scaled ΔW update, then the decoupled λ_τ decay."""
+    """Optimizer step pre-hook: importance from the raw gradients (budget ``fisher`` only), gradient-scaled ΔW
+    update, then the decoupled λ_τ decay."""
+    accumulate_importance(optimizer)
     normalize_delta_gradients(optimizer)
     apply_decoupled_threshold_decay(optimizer)
 

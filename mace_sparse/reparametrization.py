@@ -42,6 +42,8 @@ EXACT_GRAD_ATTR = "_sparse_str_exact_gradient"
 SCALE_ATTR = "_sparse_str_scale"
 #: Per owner: the global cut τ of a sparsity budget, in the same units as δ (``mace_sparse.budget``).
 CUT_ATTR = "_sparse_str_cut"
+#: Buffer of a budget ranked by importance (``selection="fisher"``): the accumulated squared gradient of W'.
+IMPORTANCE = "{}_importance"
 #: Buffer of a weight whose support was fixed (``mace_sparse.support``): W' = W + m ⊙ (ΔW − offset), m = offset ≠ 0.
 SUPPORT_OFFSET = "{}_support_offset"
 
@@ -93,6 +95,8 @@ def thresholds(module: torch.nn.Module, name: str) -> torch.Tensor:
         # a scalar weight (e.g. alpha of the non-linear block): a (1,) δ would broadcast W' to shape (1,)
         delta_threshold = delta_threshold.reshape(())
     cut = module.__dict__.get(CUT_ATTR)
+    if isinstance(cut, dict):  # a budget ranked by importance: 0 where selected, +inf elsewhere, per entry
+        cut = cut.get(name)
     if cut is not None:
         delta_threshold = torch.maximum(delta_threshold, cut)
     scale = module.__dict__.get(SCALE_ATTR, {}).get(name)
@@ -200,7 +204,7 @@ def merge_into_parameter(owner: torch.nn.Module, name: str) -> None:
     with torch.no_grad():
         merged = owner._buffers[FOUNDATION.format(name)] + effective_delta(owner, name)
     owner.__dict__.pop(name, None)
-    for key in (FOUNDATION, SEGMENTS, SUPPORT_OFFSET):
+    for key in (FOUNDATION, SEGMENTS, SUPPORT_OFFSET, IMPORTANCE):
         owner._buffers.pop(key.format(name), None)
     for key in (DELTA, SCORE):
         owner._parameters.pop(key.format(name), None)

@@ -82,7 +82,7 @@ def get_sparse_model(
             budget.set_relative_scale(target.owner, target.name)
     model.__dict__[CONFIG_ATTR] = config.to_dict()
     if config.budget is not None:
-        budget.attach_budget(model, config.budget, total_model_entries(model))
+        budget.attach_budget(model, config.budget, total_model_entries(model), config.selection)
     if config.retrain_support:
         support.prepare_support(model)
     return model

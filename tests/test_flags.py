@@ -66,7 +66,7 @@ def test_flag_names_and_defaults_are_the_ones_mace_sparse_always_had(mace_parser
         "sparse_init_threshold": 1e-3, "sparse_threshold_lr": None, "sparse_threshold_weight_decay": None,
         "sparse_threshold_granularity": "layer", "sparse_delta_eps": 1.0, "sparse_delta_lr_factor": 3.0,
         "sparse_delta_init_std": 0.0, "sparse_straight_through": True, "sparse_threshold_scale": "absolute",
-        "sparse_budget": None, "sparse_retrain_support": False,
+        "sparse_budget": None, "sparse_selection": "magnitude", "sparse_retrain_support": False,
     }
     magnetic = {a.dest: a.default for a in mace_parser._actions if a.dest.startswith("magmom")}
     assert magnetic == {"magmoms_key": "REF_magmoms", "magmom_weight": 0.0, "magmom_loss": "mse",

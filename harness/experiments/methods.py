@@ -18,6 +18,9 @@ the method's own flags differ:
   δ₀ = 1e-4, exact threshold gradients, plain Adam on ΔW, λ_τ 0.3, Linear and tensor-product weights only.
 * ``sparse_str-M-all``: the command line's defaults (λ_τ 1, κ 1).
 * ``sparse_str-B5-all``: a sparsity budget instead of λ_τ: ``--sparse_budget 0.05`` with relative thresholds.
+* ``sparse_str-B5-fisher``: the same budget, entries ranked by accumulated squared gradient instead of the latent
+  |ΔW| (``--sparse_selection fisher``): the importance-signal comparison. Its step cost is measured as the
+  other sparse_str-all methods' (the ranking's extra work is not timed separately).
 * ``sparse_str-B5-all-s2`` / ``-rt``: the same run continued in MACE's stage two (same lr and loss weights) once
   stage one stops, without / with ``--sparse_retrain_support`` (the support fixed, the kept entries retrained).
 * ``sparse_str-{L,H}-{linear,all}``: ``--finetune_method sparse_str`` with a preset of :data:`SPARSE_PRESETS`
@@ -139,6 +142,8 @@ def all_methods(
         Method("paper-recipe", "sparse_str", PAPER_RECIPE_FLAGS, "paper-recipe", lambda_tau=0.3,
                targets="linear,skip_tp"),
         Method("sparse_str-B5-all", "sparse_str", budget, "sparse_str-all", targets="all"),
+        Method("sparse_str-B5-fisher", "sparse_str", (*budget, "--sparse_selection", "fisher"), "sparse_str-all",
+               targets="all"),
         # the support-retraining ablation: the same budget run continued in stage two, with and without fixing
         Method("sparse_str-B5-all-s2", "sparse_str", budget, "sparse_str-all", targets="all", stage_two=True),
         Method("sparse_str-B5-all-rt", "sparse_str", (*budget, "--sparse_retrain_support", "True"),
