@@ -81,7 +81,8 @@ def test_pool_split_keeps_validation_apart(tmp_path, emt_data):
 
 
 def test_lr_chosen_per_method_on_validation(tmp_path):
-    from harness.pipeline.runner import BenchOptions, _select_lrs, _tuning_plan
+    from harness.pipeline.runner import BenchOptions, _tuning_plan
+    from harness.pipeline.tuning import select_lrs
     from harness.pipeline.train import TrainOutput
 
     options = BenchOptions(methods=bench_methods.select_methods(["full", "sparse_str-H-all"]), seeds=[0, 1],
@@ -98,7 +99,7 @@ def test_lr_chosen_per_method_on_validation(tmp_path):
                                                              "mae_f": scores[(job.method.name, job.lr)]}]
         job.output = TrainOutput(run_dir=tmp_path, model=tmp_path / "m", returncode=0, wall_s=1.0, epoch_s=None,
                                  curve=curve)
-    chosen, table = _select_lrs(jobs)
+    chosen, table = select_lrs(jobs)
     assert chosen == {"full": 0.01, "sparse_str-H-all": 0.003}
     assert table["full"] == {"0.003": 50.0, "0.01": 40.0}
 
@@ -248,3 +249,47 @@ def test_retrain_method_stops_in_stage_two_and_scores_the_stage_two_model(tmp_pa
     log = bench_curve.run_log(tmp_path / "run")
     assert "starting Stage Two" in log and "support fixed" in log
     assert max(p["epoch"] for p in out.curve) < 4 + bench_methods.STAGE_TWO_EPOCHS
+
+
+def test_secondary_methods_borrow_their_kinds_lr_and_run_fewer_seeds(tmp_path):
+    """Mode full's design: only the tuned methods get the lr grid and every seed; the others take the lr chosen
+    for their kind (else full's) and run the first seed(s) only; count_runs counts exactly what is planned."""
+    from harness.pipeline.runner import BenchOptions, _plan, _tuning_plan, count_runs
+    from harness.pipeline.tuning import borrowed_lrs
+
+    names = ["zero-shot", "full", "lora", "lora-r16", "freeze", "sparse_str-B5-all", "sparse_str-B5-fisher"]
+    options = BenchOptions(methods=bench_methods.select_methods(names), seeds=[0, 1, 2],
+                           settings=bench_methods.TrainSettings(epochs=5, patience=2), out=tmp_path,
+                           lr_grid=(0.003, 0.01, 0.03), tuned=("full", "lora", "sparse_str-B5-all"),
+                           secondary_seeds=1)
+    tuning = _tuning_plan(_case(), options, tmp_path / "train.xyz", tmp_path, tmp_path / "valid.xyz")
+    assert sorted({j.method.name for j in tuning}) == ["full", "lora", "sparse_str-B5-all"]
+    assert len(tuning) == 9 and {j.seed for j in tuning} == {0}
+    chosen = {"full": 0.01, "lora": 0.03, "sparse_str-B5-all": 0.003}
+    lenders = borrowed_lrs(options.methods, chosen, fallback=0.01)
+    assert lenders == {"lora-r16": "lora", "freeze": "full", "sparse_str-B5-fisher": "sparse_str-B5-all"}
+    assert (chosen["lora-r16"], chosen["freeze"], chosen["sparse_str-B5-fisher"]) == (0.03, 0.01, 0.003)
+    jobs = _plan(_case(), options, tmp_path / "train.xyz", tmp_path, tmp_path / "valid.xyz", chosen)
+    seeds = {}
+    for job in jobs:
+        seeds.setdefault(job.method.name, []).append(job.seed)
+        assert job.args[job.args.index("--lr") + 1] == str(chosen[job.method.name])
+    assert seeds == {"full": [0, 1, 2], "lora": [0, 1, 2], "sparse_str-B5-all": [0, 1, 2], "lora-r16": [0],
+                     "freeze": [0], "sparse_str-B5-fisher": [0]}
+    # 12 main runs + 9 tuning runs (the seed-0 main runs of the tuned methods reuse their tuning run)
+    assert count_runs([_case()], options) == len(jobs) + len(tuning)
+    assert borrowed_lrs(bench_methods.select_methods(["sparse_str-H-all"]), {}, fallback=0.01) == {
+        "sparse_str-H-all": "grid"}
+
+
+def test_plan_lists_the_full_modes_design_without_training(capsys, tmp_path):
+    from mace_sparse.cli import main
+
+    code = main(["bench", "--plan", "--tasks", "rmd17", "--cases", "aspirin/N=50", "--out", str(tmp_path / "b")])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "  tuning, seed 0, lr [0.003, 0.01, 0.03]: full, lora, sparse_str-B5-all, sparse_str-M-all" in text
+    assert "  full: seeds [0, 1, 2]\n" in text and "  sparse_str-B5-fisher: seeds [0] (lr borrowed)\n" in text
+    # 4 tuned × 3 lr + 4 tuned × 3 seeds + 6 secondary × 1 seed
+    assert text.rstrip().endswith("finished runs are reused)") and "\n30 mace_run_train runs in all" in text
+    assert not (tmp_path / "b").exists()  # nothing written, nothing trained

@@ -41,6 +41,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=sorted(MODES), default=None,
                    help="full (default): benchmark-scale foundations, early stopping, EMA, lr grid; toy: the "
                         "earlier fixed-epoch regime on the tiny foundations; quick = --quick")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs the command would make (per case: the lr grid's tuning runs, then every "
+                        "method's seeds) and exit without training")
     p.add_argument("--patience", type=int, default=None,
                    help="stop a run once its validation loss has not improved for this many epochs (MACE's "
                         "--patience, enforced; the saved model is the best checkpoint); 0 = fixed epochs")
@@ -186,16 +189,22 @@ def _bench(args: argparse.Namespace) -> str:
     log.info("mace_sparse bench, %s mode: %s", mode_name, covers)
     settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=lr, batch_size=args.batch_size,
                                            patience=patience, ema=ema)
+    split = bool(mode.get("tuned")) and len(lr_grid) > 1 and not args.methods
     options = bench_runner.BenchOptions(
         methods=methods, seeds=list(seeds), settings=settings, out=out, jobs=args.jobs,
         cost_rounds=mode["cost_rounds"] if args.cost_rounds is None else args.cost_rounds,
         measure_memory=args.measure_memory,
         freeze=args.freeze, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, epochs_by_task=epochs,
         lr_grid=tuple(lr_grid) if len(lr_grid) > 1 else (),
+        # the mode's primary/secondary split is for its own method list: methods named with --methods are all
+        # tuned alike and run every seed
+        tuned=tuple(mode["tuned"]) if split else None,
+        secondary_seeds=mode.get("secondary_seeds") if split else None,
     )
-    results = bench_runner.run_bench(cases, options)
+    if getattr(args, "plan", False):
+        return plan_text(cases, options)
     argv = getattr(args, "argv", None) or list(sys.argv[1:])
-    meta = {
+    meta_base = {
         "command": "mace_sparse " + shlex.join(argv), "date": datetime.date.today().isoformat(), "mode": mode_name,
         "covers": covers, "epochs": epochs_text(epochs), "epochs_by_task": epochs, "lr": lr if len(lr_grid) <= 1 else None,
         "lr_grid": lr_grid, "patience": patience, "ema": ema,
@@ -203,16 +212,48 @@ def _bench(args: argparse.Namespace) -> str:
         "dtype": settings.dtype, "methods": [m.name for m in methods],
         "method_flags": {m.name: list(m.flags) for m in methods},
         "sparse_presets": bench_methods.SPARSE_PRESETS, "freeze": args.freeze, "lora_rank": args.lora_rank,
-        "lora_alpha": args.lora_alpha, "wall_s": time.perf_counter() - start, "environment": _environment(),
+        "lora_alpha": args.lora_alpha, "environment": _environment(),
+        "tuned": list(options.tuned) if options.tuned else None,
+        "secondary_seeds": options.secondary_seeds,
     }
-    report = bench_table.build_report(results, meta)
-    text = bench_table.markdown(report)
-    (out / "bench.md").write_text(text)
-    (out / "bench.json").write_text(json.dumps(bench_table.json_ready(report), indent=2, allow_nan=False))
-    plots = write_plots(results, out)
-    log.info("wrote %d figures (learning curves, accuracy vs share changed) next to bench.md", len(plots))
-    log.info("wrote %s and %s (%.1f min)", out / "bench.md", out / "bench.json", meta["wall_s"] / 60)
-    return text
+
+    def write(results: List[Dict[str, Any]], partial: bool) -> str:
+        """bench.md / bench.json (and the figures) from the cases measured so far."""
+        meta = {**meta_base, "wall_s": time.perf_counter() - start}
+        if partial:
+            meta["partial"] = f"{len(results)} of {len(cases)} cases so far; run the same command again to go on"
+        report = bench_table.build_report(results, meta)
+        text = bench_table.markdown(report)
+        (out / "bench.md").write_text(text)
+        (out / "bench.json").write_text(json.dumps(bench_table.json_ready(report), indent=2, allow_nan=False))
+        plots = write_plots(results, out)
+        log.info("wrote %d figures (learning curves, accuracy vs share changed) next to bench.md", len(plots))
+        log.info("wrote %s and %s%s (%.1f min)", out / "bench.md", out / "bench.json",
+                 " (partial)" if partial else "", meta["wall_s"] / 60)
+        return text
+
+    results = bench_runner.run_bench(cases, options, after_case=lambda done: write(done, partial=True))
+    return write(results, partial=False)
+
+
+def plan_text(cases: List[Any], options: Any) -> str:
+    """``--plan``: what would run, per case, without running it (finished runs are reused when it does run)."""
+    from harness.pipeline import runner as bench_runner
+
+    lines = []
+    for case in cases:
+        tuned = [m.name for m in options.methods if m.trains and options.is_tuned(m)] if options.lr_grid else []
+        lines.append(f"{case.label}:")
+        if tuned:
+            lines.append(f"  tuning, seed {options.seeds[0]}, lr {list(options.lr_grid)}: {', '.join(tuned)}")
+        for method in options.methods:
+            if method.trains:
+                how = "" if not options.lr_grid or options.is_tuned(method) else " (lr borrowed)"
+                lines.append(f"  {method.name}: seeds {options.seeds_of(method)}{how}")
+    total = bench_runner.count_runs(cases, options)
+    lines.append(f"{total} mace_run_train runs in all (a tuned method's seed-{options.seeds[0]} run is its tuning "
+                 "run, counted in both phases; finished runs are reused)")
+    return "\n".join(lines) + "\n"
 
 
 def _environment() -> Dict[str, Any]:

@@ -22,11 +22,19 @@ MODES: Dict[str, Dict[str, Any]] = {
     },
     "full": {
         "tasks": ["rmd17-s", "inorganic-s"], "cases": [], "seeds": [0, 1, 2],
-        "epochs": {"*": 400}, "cost_rounds": 20, "methods": None,
+        "epochs": {"*": 400}, "cost_rounds": 20,
+        "methods": ["zero-shot", "full", "lora", "lora-r16", "freeze", "paper-recipe", "sparse_str-M-all",
+                    "sparse_str-B5-all", "sparse_str-B5-fisher", "sparse_str-L-all", "sparse_str-H-all"],
+        # primary methods get the lr grid and every seed; the secondary ones borrow the lr chosen for their kind
+        # (else full's) and run the first seed only: the issue's "fewer seeds or lr values for the secondary
+        # methods rather than cut the convergence or the foundation size" on 2 CPU cores
+        "tuned": ["full", "lora", "sparse_str-M-all", "sparse_str-B5-all"], "secondary_seeds": 1,
         "patience": 15, "ema": True, "lr_grid": [0.003, 0.01, 0.03],
         "note": "the converged, validated regime on the benchmark-scale foundations (organic-s, inorganic-s): "
-                "every method stops at patience 15 (cap 400 epochs), EMA, lr chosen per method on validation; "
-                "many CPU hours, resumable",
+                "every method stops at patience 15 (cap 400 epochs), EMA; full, lora, sparse_str-M-all and "
+                "sparse_str-B5-all get the lr grid on validation and 3 seeds, the other methods borrow their "
+                "kind's lr and run seed 0; tens of CPU hours, resumable (finished runs are reused, the table is "
+                "rewritten after every case)",
     },
     "toy": {
         "tasks": ["rmd17", "inorganic"], "cases": [], "seeds": [0, 1, 2],

@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from harness.experiments.methods import REFERENCE, ZERO_SHOT, Method, TrainSettings, train_command
 from harness.experiments.tasks import BenchCase
@@ -38,6 +38,7 @@ from . import evaluate as bench_eval
 from .curve import best_point
 from .splits import scored_test_sets, split_files
 from .train import TrainOutput, failure_tail, run_training
+from .tuning import borrowed_lrs, select_lrs
 
 LOG = logging.getLogger("mace_sparse.bench")
 
@@ -62,12 +63,27 @@ class BenchOptions:
     #: learning rates tried for every method on the first seed; the one with the lowest validation force MAE
     #: (at MACE's best checkpoint) is used for every seed. Empty: ``settings.lr`` for all, no tuning.
     lr_grid: Tuple[float, ...] = ()
+    #: the methods tuned on ``lr_grid`` (None: every method). An untuned ("secondary") method takes the lr chosen
+    #: for the first tuned method of its kind, else the one chosen for full fine-tuning (:func:`borrowed_lrs`).
+    tuned: Optional[Tuple[str, ...]] = None
+    #: how many of the seeds the untuned methods run (the first ones; None: every seed): where CPU time is short
+    #: the secondary methods run fewer
+    secondary_seeds: Optional[int] = None
     #: log every validation line of every run (``calibrate`` does: its runs are short and run one at a time)
     echo_epochs: bool = False
 
     def settings_for(self, case: BenchCase) -> TrainSettings:
         """What every method of ``case`` shares (same epochs for all of them)."""
         return dataclasses.replace(self.settings, epochs=self.epochs_by_task.get(case.task, self.settings.epochs))
+
+    def is_tuned(self, method: Method) -> bool:
+        return self.tuned is None or method.name in self.tuned
+
+    def seeds_of(self, method: Method) -> List[int]:
+        """The seeds ``method`` runs: all of them, or the secondary seeds for an untuned method."""
+        if self.is_tuned(method) or self.secondary_seeds is None:
+            return list(self.seeds)
+        return list(self.seeds[: max(1, self.secondary_seeds)])
 
 
 @dataclasses.dataclass
@@ -108,6 +124,8 @@ def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Pa
     base = options.settings_for(case)
     for seed in options.seeds if seeds is None else seeds:
         for method in trained:
+            if seeds is None and seed not in options.seeds_of(method):
+                continue
             lr = None if lrs is None else lrs[method.name]
             settings = base if lr is None else dataclasses.replace(base, lr=lr)
             jobs.append(_Job(case, method, seed, case_dir / _run_name(method, seed, lr),
@@ -126,26 +144,12 @@ def _tuning_plan(case: BenchCase, options: BenchOptions, train_file: Path, case_
                  valid_file: Optional[Path]) -> List[_Job]:
     """The learning-rate grid on the first seed, for every trained method (the same budget for each)."""
     jobs = []
+    tuned = dataclasses.replace(options, methods=[m for m in options.methods if options.is_tuned(m)])
     for lr in options.lr_grid:
-        lrs = {m.name: lr for m in options.methods if m.trains}
-        jobs += [j for j in _plan(case, options, train_file, case_dir, valid_file, lrs, options.seeds[:1])
+        lrs = {m.name: lr for m in tuned.methods if m.trains}
+        jobs += [j for j in _plan(case, tuned, train_file, case_dir, valid_file, lrs, options.seeds[:1])
                  if j.method.kind != "reference"]
     return jobs
-
-
-def _select_lrs(jobs: Sequence[_Job]) -> Tuple[Dict[str, float], Dict[str, Dict[str, Optional[float]]]]:
-    """Per method: the grid lr of the lowest validation force MAE at the best checkpoint, and the whole table."""
-    table: Dict[str, Dict[str, Optional[float]]] = {}
-    for job in jobs:
-        best = best_point(job.output.curve) if job.output else None
-        table.setdefault(job.method.name, {})[f"{job.lr:g}"] = best.get("mae_f") if best else None
-    chosen = {}
-    for method, by_lr in table.items():
-        scored = [(v, float(lr)) for lr, v in by_lr.items() if v is not None]
-        if not scored:
-            raise RuntimeError(f"{method}: no validation force MAE was logged for any learning rate")
-        chosen[method] = min(scored)[1]
-    return chosen, table
 
 
 def _execute(jobs: Sequence[_Job], parallel: int, echo_epochs: bool = False) -> None:
@@ -296,14 +300,18 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
     target, source, counts = scored_test_sets(case, case_dir, elements)
     runs = [_zero_shot(case, target, source)] if any(m.kind == ZERO_SHOT for m in options.methods) else []
 
-    lrs, lr_table = None, {}
+    lrs, lr_table, lenders = None, {}, {}
     if len(options.lr_grid) > 1:
         tuning = _tuning_plan(case, options, train_file, case_dir, valid_file)
         _number(tuning, counter, total)
         _execute(tuning, options.jobs, options.echo_epochs)
-        lrs, lr_table = _select_lrs(tuning)
+        lrs, lr_table = select_lrs(tuning)
         LOG.info("%s: learning rates chosen on validation: %s", case.label,
                  ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
+        lenders = borrowed_lrs(options.methods, lrs, options.lr_grid[len(options.lr_grid) // 2])
+        if lenders:
+            LOG.info("%s: untuned methods take the lr of: %s", case.label,
+                     ", ".join(f"{m} ← {lender} ({lrs[m]:g})" for m, lender in lenders.items()))
     elif options.lr_grid:
         lrs = {m.name: options.lr_grid[0] for m in options.methods if m.trains}
     jobs = _plan(case, options, train_file, case_dir, valid_file, lrs)
@@ -330,6 +338,7 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
         "train_file_used": str(train_file),
         "valid_file_used": str(valid_file) if valid_file else None,
         "lr_selection": lr_table,
+        "lr_borrowed": lenders,
         "epochs": options.settings_for(case).epochs,
         "elements": sorted(elements),
         **counts,
@@ -351,20 +360,30 @@ def count_runs(cases: Sequence[BenchCase], options: BenchOptions) -> int:
     for case in cases:
         main = len(_plan(case, options, case.train_file, options.out))
         if len(options.lr_grid) > 1:
-            trained = sum(1 for m in options.methods if m.trains)
+            trained = sum(1 for m in options.methods if m.trains and options.is_tuned(m))
             main += trained * len(options.lr_grid)  # counted in both phases; the seed-0 rerun is a reuse
         total += main
     return total
 
 
-def run_bench(cases: Sequence[BenchCase], options: BenchOptions) -> List[Dict[str, Any]]:
-    """Measure every case; the list of per-case results (see :func:`run_case`)."""
+def run_bench(cases: Sequence[BenchCase], options: BenchOptions,
+              after_case: Optional[Callable[[List[Dict[str, Any]]], None]] = None) -> List[Dict[str, Any]]:
+    """Measure every case; the list of per-case results (see :func:`run_case`).
+
+    ``after_case`` gets the results so far after every case, so a benchmark longer than a sitting leaves a
+    partial table on disk (the finished runs themselves are reused when the command is run again).
+    """
     options.out.mkdir(parents=True, exist_ok=True)
     total = count_runs(cases, options)
     LOG.info("%d cases × %d methods × %d seeds: %d mace_run_train runs", len(cases), len(options.methods),
              len(options.seeds), total)
     counter = [0]
-    return [run_case(case, options, counter, total) for case in cases]
+    results: List[Dict[str, Any]] = []
+    for case in cases:
+        results.append(run_case(case, options, counter, total))
+        if after_case is not None and len(results) < len(cases):
+            after_case(results)
+    return results
 
 
 __all__ = ["BenchOptions", "run_bench", "run_case", "count_runs", "REFERENCE"]

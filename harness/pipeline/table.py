@@ -289,7 +289,11 @@ def _protocol_text(meta: Dict[str, Any]) -> str:
     if meta.get("ema"):
         parts.append(", EMA 0.99")
     grid = meta.get("lr_grid") or []
-    if len(grid) > 1:
+    if len(grid) > 1 and meta.get("tuned"):
+        parts.append(f", lr from {grid} chosen on validation force MAE (first seed; see each case's lr table) for "
+                     f"{', '.join(meta['tuned'])}; every other method takes the lr chosen for its kind (else "
+                     f"full's) and runs the first {meta.get('secondary_seeds') or 'all'} seed(s)")
+    elif len(grid) > 1:
         parts.append(f", lr per method from {grid} chosen on validation force MAE (first seed; see each case's "
                      "lr table)")
     else:
@@ -300,7 +304,8 @@ def _protocol_text(meta: Dict[str, Any]) -> str:
 def markdown(report: Dict[str, Any]) -> str:
     """``bench.md``: how it was run, then one section per case."""
     meta = report["meta"]
-    out = [
+    out = [f"**Partial: {meta['partial']}.**", ""] if meta.get("partial") else []
+    out += [
         f"Measured {meta['date']} with `{meta['command']}` ({meta['mode']} mode: {meta['covers']}).",
         "",
         f"Epochs {meta['epochs']}{_protocol_text(meta)}, batch size {meta['batch_size']}, seeds {meta['seeds']}, "
@@ -320,6 +325,9 @@ def markdown(report: Dict[str, Any]) -> str:
         out += ["", case_markdown(case)]
         if case.get("lr_selection"):
             out += ["", lr_table_markdown(case["lr_selection"])]
+        if case.get("lr_borrowed"):
+            out += ["", "Not tuned, lr taken from (method ← tuned method): "
+                    + ", ".join(f"{m} ← {lender}" for m, lender in case["lr_borrowed"].items()) + "."]
     return "\n".join(out) + "\n"
 
 
