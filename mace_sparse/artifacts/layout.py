@@ -13,40 +13,8 @@ import torch
 
 from .. import reparametrization as rp
 from ..config import TARGET_KINDS
+from ..layouts import blocks_along, element_index
 from ..model_walker import TargetWeight, find_targets
-
-
-def _blocks_along(shapes: List[tuple], axis: int) -> torch.Tensor:
-    """Index along ``axis`` of every entry of consecutive flat instruction blocks of the given shapes."""
-    parts = []
-    for shape in shapes:
-        view = [1] * len(shape)
-        view[axis] = shape[axis]
-        parts.append(torch.arange(shape[axis]).view(view).expand(shape).reshape(-1))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-
-
-def element_index(target: TargetWeight, num_elements: int) -> Optional[torch.Tensor]:
-    """Element (position in the model's ``atomic_numbers``) of every entry of an element-dependent weight, else None.
-
-    * symmetric contraction: axis 0 of the weight is the element;
-    * skip tensor product whose second input is the one-hot element: axis 1 of each path block
-      ``(mul_in1, num_elements, mul_out)``;
-    * an ``o3.Linear`` whose input is the one-hot element (node embedding, the non-linear block's
-      ``source_embedding``/``target_embedding``): the rows (``mul_in``) are elements.
-    """
-    weight = target.owner._parameters[target.name]
-    if target.kind == "contraction" and target.element_axis == 0 and weight.shape[0] == num_elements:
-        return torch.arange(num_elements).view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape).contiguous()
-    if target.kind == "skip_tp" and target.element_axis == -1:
-        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.has_weight]
-        if all(len(s) == 3 and s[1] == num_elements for s in shapes):
-            return _blocks_along(shapes, 1).view(weight.shape)
-    if target.kind == "linear" and target.element_axis == 0 and target.name == "weight":
-        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions]
-        if all(len(s) == 2 and s[0] == num_elements for s in shapes):
-            return _blocks_along(shapes, 0).view(weight.shape)
-    return None
 
 
 def head_index(target: TargetWeight, num_heads: int) -> Optional[torch.Tensor]:
@@ -66,7 +34,7 @@ def head_index(target: TargetWeight, num_heads: int) -> Optional[torch.Tensor]:
     if target.name == "bias":
         return (torch.arange(weight.numel()) // block).view(weight.shape)
     shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.i_in != -1]
-    return (_blocks_along(shapes, 1) // block).view(weight.shape)
+    return (blocks_along(shapes, 1) // block).view(weight.shape)
 
 
 def _thresholds_per_path(sparse_model: torch.nn.Module, num_paths: Dict[str, int]) -> Dict[str, List[float]]:
