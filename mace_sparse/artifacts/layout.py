@@ -7,13 +7,14 @@ per-path thresholds) and stored as plain per-layer records with per-path and per
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .. import reparametrization as rp
 from ..config import TARGET_KINDS
 from ..layouts import blocks_along, element_index
+from ..sparse_model import CONFIG_ATTR
 from ..model_walker import TargetWeight, find_targets
 
 
@@ -37,16 +38,37 @@ def head_index(target: TargetWeight, num_heads: int) -> Optional[torch.Tensor]:
     return (blocks_along(shapes, 1) // block).view(weight.shape)
 
 
+def _rounded(values: torch.Tensor) -> List[float]:
+    # 7 significant digits: δ is for reading, and full float64 reprs would dominate a small delta file
+    return [float(f"{v:.7g}") for v in values.detach().double().reshape(-1).tolist()]
+
+
 def _thresholds_per_path(sparse_model: torch.nn.Module, num_paths: Dict[str, int]) -> Dict[str, List[float]]:
     """Final δ = sigmoid(score) of each adapted weight, one value per path (a layer δ is repeated)."""
     out = {}
     for qualified, owner, name in rp.iter_reparametrized(sparse_model):
-        scores = owner._parameters[rp.SCORE.format(name)].detach()
-        # 7 significant digits: δ is for reading, and full float64 reprs would dominate a small delta file
-        values = [float(f"{v:.7g}") for v in torch.sigmoid(scores).double().reshape(-1).tolist()]
+        values = _rounded(torch.sigmoid(owner._parameters[rp.SCORE.format(name)]))
         paths = num_paths.get(qualified, len(values))
         out[qualified] = values if len(values) == paths else [values[0]] * paths
     return out
+
+
+def _element_thresholds(owner: torch.nn.Module, name: str, path_index: torch.Tensor,
+                        num_paths: int) -> Tuple[List[float], List[float]]:
+    """``(δ per path, δ per element)`` of a weight with one δ per element (``--sparse_threshold_granularity
+    element``).
+
+    A path of an element-indexed weight spans every element, so it has no single δ: its ``path_threshold`` is
+    the **mean δ over the path's entries** (for MACE's layouts every element holds the same number of entries of
+    a path, so this is the plain mean of the element δ). The per-element δ themselves are the new
+    ``element_threshold`` field.
+    """
+    per_element = torch.sigmoid(owner._parameters[rp.SCORE.format(name)].detach()).double()
+    per_entry = per_element[owner._buffers[rp.SEGMENTS.format(name)]].reshape(-1)
+    paths = path_index.reshape(-1)
+    sums = torch.bincount(paths, weights=per_entry, minlength=num_paths)
+    counts = torch.bincount(paths, minlength=num_paths).clamp(min=1)
+    return _rounded(sums / counts), _rounded(per_element)
 
 
 def layer_records(
@@ -55,6 +77,9 @@ def layer_records(
     changed: Dict[str, torch.Tensor],
 ) -> List[dict]:
     """One JSON-ready record per adapted weight, with per-path and per-element counts.
+
+    ``threshold_granularity`` is ``layer`` (one δ, repeated in ``path_threshold``), ``path`` (one δ per path) or
+    ``element`` (one δ per element, in ``element_threshold``; ``path_threshold`` is then each path's mean δ).
 
     Args:
         sparse_model: the sparse-trainable model (source of the adapted names and of δ).
@@ -70,9 +95,12 @@ def layer_records(
     num_heads = len(getattr(foundation, "heads", None) or ["Default"])
     num_paths = {q: len(targets[q].path_labels) for q in adapted if q in targets}
     thresholds = _thresholds_per_path(model, num_paths)
+    # a segments buffer means one δ per path, or per element in a run made with granularity "element"
+    segmented = "element" if model.__dict__.get(CONFIG_ATTR, {}).get("granularity") == "element" else "path"
+    owners = {q: (owner, name) for q, owner, name in rp.iter_reparametrized(model)}
     granularity = {
-        q: ("path" if owner._buffers.get(rp.SEGMENTS.format(name)) is not None else "layer")
-        for q, owner, name in rp.iter_reparametrized(model)
+        q: (segmented if owner._buffers.get(rp.SEGMENTS.format(name)) is not None else "layer")
+        for q, (owner, name) in owners.items()
     }
     records = []
     for qualified in adapted:
@@ -96,6 +124,9 @@ def layer_records(
             "path_changed": torch.bincount(path_index[mask], minlength=len(labels)).tolist(),
             "path_threshold": thresholds[qualified],
         }
+        if granularity[qualified] == "element":
+            record["path_threshold"], record["element_threshold"] = _element_thresholds(
+                *owners[qualified], path_index, len(labels))
         heads = head_index(target, num_heads) if target is not None else None
         if heads is not None:
             record["head_size"] = torch.bincount(heads.reshape(-1), minlength=num_heads).tolist()
