@@ -20,7 +20,11 @@ TARGET_KINDS: Tuple[str, ...] = ("linear", "skip_tp", "contraction", "radial", "
 #: parameters and "linear only" caps accuracy (see README, "Choosing targets"), so every kind is adapted.
 DEFAULT_TARGETS: Tuple[str, ...] = TARGET_KINDS
 
-GRANULARITIES: Tuple[str, ...] = ("layer", "path")
+#: How many thresholds δ a weight gets: ``layer`` one per tensor, ``path`` one per irrep path / instruction,
+#: ``element`` one per chemical element of the model for element-indexed weights (symmetric contraction, the
+#: element-dependent skip tensor product, o3.Linear layers that read the one-hot element; one per tensor for the
+#: rest). Element-indexed weights differ in scale and use per element, and one δ can prune an element wholesale.
+GRANULARITIES: Tuple[str, ...] = ("layer", "path", "element")
 
 #: ``absolute``: δ in the weight's units (the paper); ``relative``: δ as a fraction of each tensor's rms.
 THRESHOLD_SCALES: Tuple[str, ...] = ("absolute", "relative")
@@ -67,7 +71,9 @@ class SparseConfig:
         threshold_lr: learning rate of the threshold scores (``None``: the model learning rate).
         threshold_weight_decay: λ_τ, the sparsity knob. Decoupled (AdamW-style) decay of the score s
             towards 0, i.e. of δ towards 0.5: a larger λ_τ holds δ higher, so fewer ΔW entries pass it.
-        granularity: ``layer`` (one δ per weight tensor) or ``path`` (one δ per irrep path / instruction).
+        granularity: ``layer`` (one δ per weight tensor), ``path`` (one δ per irrep path / instruction) or
+            ``element`` (one δ per chemical element for element-indexed weights, one per tensor otherwise; see
+            :data:`GRANULARITIES`).
         delta_eps: κ of the gradient-scaled ΔW update (see ``mace_sparse.optim``); 0 means plain Adam.
         delta_lr_factor: the latent deltas train at this multiple of the run's learning rate, so that the
             entries that matter get past δ early in a short fine-tune (measured, ``mace_sparse.optim``).
@@ -107,7 +113,9 @@ class SparseConfig:
     )
     granularity: str = setting(
         "layer", flag="sparse_threshold_granularity", choices=GRANULARITIES,
-        help="one threshold per weight tensor ('layer') or per irrep path / instruction ('path')",
+        help="one threshold per weight tensor ('layer'), per irrep path / instruction ('path'), or ('element') "
+        "per chemical element for element-indexed weights (contraction, skip tensor product, element embeddings) "
+        "and per tensor for the rest",
     )
     delta_eps: float = setting(
         1.0, at_least=0.0, why=" (0 = plain Adam)",

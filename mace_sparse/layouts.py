@@ -4,11 +4,16 @@ A "path" is the unit that gets its own threshold (``--sparse_threshold_granulari
 the report. Where the weight has an equivariant structure (e3nn instructions, contraction couplings, the
 per-edge weights a radial MLP feeds to each tensor-product path) the paths follow it; a weight without such
 structure (a hidden MLP layer, a LayerNorm, a scalar) is honestly a single path.
+
+:func:`element_index` gives the other axis an entry can be split by, the chemical element. It lives here, below
+:mod:`mace_sparse.sparse_model` (per-element thresholds, ``--sparse_threshold_granularity element``) and
+:mod:`mace_sparse.artifacts.layout` (per-element counts in the delta file), so that both use one definition
+without an import cycle.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -84,3 +89,51 @@ def element_rows(linear, num_elements: Optional[int]) -> bool:
     """True if an ``o3.Linear``'s input is the one-hot element (node embedding, source/target embeddings)."""
     irreps_in = linear.irreps_in
     return num_elements is not None and irreps_in.dim == num_elements and irreps_in.lmax == 0 and len(irreps_in) == 1
+
+
+class ElementTarget(Protocol):
+    """What :func:`element_index` reads of a target (:class:`mace_sparse.model_walker.TargetWeight` has it).
+
+    A protocol rather than an import: the walker imports this module, so this module cannot import the walker.
+    """
+
+    kind: str
+    owner: torch.nn.Module
+    name: str
+    element_axis: Optional[int]
+
+
+def blocks_along(shapes: Sequence[Tuple[int, ...]], axis: int) -> torch.Tensor:
+    """Index along ``axis`` of every entry of consecutive flat instruction blocks of the given shapes."""
+    parts = []
+    for shape in shapes:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        parts.append(torch.arange(shape[axis]).view(view).expand(shape).reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def element_index(target: ElementTarget, num_elements: int) -> Optional[torch.Tensor]:
+    """Element (position in the model's ``atomic_numbers``) of every entry of an element-dependent weight, else None.
+
+    * symmetric contraction: axis 0 of the weight is the element;
+    * skip tensor product whose second input is the one-hot element: axis 1 of each path block
+      ``(mul_in1, num_elements, mul_out)``;
+    * an ``o3.Linear`` whose input is the one-hot element (node embedding, the non-linear block's
+      ``source_embedding``/``target_embedding``): the rows (``mul_in``) are elements.
+
+    Reads only the weight's shape and the module's instructions, so it must be called while ``target.name`` is
+    still the module's Parameter (before :func:`mace_sparse.reparametrization.reparametrize` moves it).
+    """
+    weight = target.owner._parameters[target.name]
+    if target.kind == "contraction" and target.element_axis == 0 and weight.shape[0] == num_elements:
+        return torch.arange(num_elements).view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape).contiguous()
+    if target.kind == "skip_tp" and target.element_axis == -1:
+        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.has_weight]
+        if all(len(s) == 3 and s[1] == num_elements for s in shapes):
+            return blocks_along(shapes, 1).view(weight.shape)
+    if target.kind == "linear" and target.element_axis == 0 and target.name == "weight":
+        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions]
+        if all(len(s) == 2 and s[0] == num_elements for s in shapes):
+            return blocks_along(shapes, 0).view(weight.shape)
+    return None

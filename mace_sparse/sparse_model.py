@@ -10,14 +10,15 @@ entries in the state dict.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import budget, support
 from . import reparametrization as rp
 from .config import SparseConfig
-from .model_walker import find_targets
+from .layouts import element_index
+from .model_walker import TargetWeight, find_targets
 
 #: Marker in the model's instance dict: the config the model was made sparse-trainable with.
 CONFIG_ATTR = "_sparse_str_config"
@@ -65,14 +66,16 @@ def get_sparse_model(
     for name, param in model.named_parameters():
         if not keep_trainable(name):
             param.requires_grad_(False)
-    for target in targets:
-        path = config.granularity == "path" and len(target.path_labels) > 1
+    num_elements = _num_elements(model)
+    # every layout first: element_index reads the Parameter, which reparametrize moves into a buffer
+    segments = [threshold_segments(t, config.granularity, num_elements) for t in targets]
+    for target, (index, num_segments) in zip(targets, segments):
         rp.reparametrize(
             target.owner,
             target.name,
             init_threshold=config.init_threshold,
-            segments=target.path_index if path else None,
-            num_segments=len(target.path_labels) if path else 1,
+            segments=index,
+            num_segments=num_segments,
             consumer=target.consumer,
             delta_init_std=config.delta_init_std,
             straight_through=config.straight_through,
@@ -86,6 +89,31 @@ def get_sparse_model(
     if config.retrain_support:
         support.prepare_support(model)
     return model
+
+
+def _num_elements(model: torch.nn.Module) -> int:
+    atomic_numbers = getattr(model, "atomic_numbers", None)
+    return int(atomic_numbers.numel()) if isinstance(atomic_numbers, torch.Tensor) else 0
+
+
+def threshold_segments(
+    target: TargetWeight, granularity: str, num_elements: int
+) -> Tuple[Optional[torch.Tensor], int]:
+    """``(segments, number of δ entries)`` of one weight: which δ each entry uses (``None``: one δ for all).
+
+    * ``path``: the irrep path of each entry (:mod:`mace_sparse.layouts`), where the weight has more than one;
+    * ``element``: the element (position in ``model.atomic_numbers``) of each entry of an element-indexed
+      weight (:func:`mace_sparse.layouts.element_index`), where the model has more than one element, so that a
+      fine-tune can move the elements of its data without one shared δ pruning or freeing all elements at once;
+    * otherwise (``layer``, and the fallback of both): one δ per tensor.
+    """
+    if granularity == "path" and len(target.path_labels) > 1:
+        return target.path_index, len(target.path_labels)
+    if granularity == "element" and num_elements > 1:
+        elements = element_index(target, num_elements)
+        if elements is not None:
+            return elements, num_elements
+    return None, 1
 
 
 def delta_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:

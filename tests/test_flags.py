@@ -125,7 +125,7 @@ def test_yaml_config_keys_in_either_spelling_reach_the_dataclass(mace_parser, tm
     (SparseConfig, SparseConfigError, {"budget": 1.0},
      "--sparse_budget is the share of weights allowed to change, in (0, 1) (e.g. 0.05); got 1.0"),
     (SparseConfig, SparseConfigError, {"granularity": "atom"},
-     "--sparse_threshold_granularity must be one of layer, path; got 'atom'"),
+     "--sparse_threshold_granularity must be one of layer, path, element; got 'atom'"),
     (SparseConfig, SparseConfigError, {"delta_lr_factor": float("nan")},
      "--sparse_delta_lr_factor must be > 0 (ΔW lr = factor × --lr); got nan"),
     (SparseConfig, SparseConfigError, {"retrain_support": "no"}, "--sparse_retrain_support must be True or False; got 'no'"),

@@ -55,8 +55,8 @@ import torch
 
 from .atomic import PathLike, atomic_write_bytes
 from .delta_schema import (
-    ENTRY_COLUMNS, FORMAT_VERSION, JSON_KEYS, LAYER_COLUMNS, STREAM_COLUMNS, DeltaFileError, check_against_model,
-    container_bytes, read_container, update_with_stored, validate_header,
+    ENTRY_COLUMNS, FORMAT_VERSION, JSON_KEYS, STREAM_COLUMNS, DeltaFileError, check_against_model,
+    container_bytes, layer_columns, read_container, update_with_stored, validate_header,
 )
 from .delta_types import DeltaEntry, DeltaInfo, SparseDelta
 from .fingerprint import update_with_tensor
@@ -130,7 +130,8 @@ def _encode_metadata(metadata: Mapping[str, Any]) -> Dict[str, str]:
     raw = {}
     for key, value in metadata.items():
         if key == "layers":
-            value = {"columns": list(LAYER_COLUMNS), "rows": [[r.get(c) for c in LAYER_COLUMNS] for r in value]}
+            columns = layer_columns(value)
+            value = {"columns": list(columns), "rows": [[r.get(c) for c in columns] for r in value]}
         raw[key] = json.dumps(value, separators=(",", ":")) if key in JSON_KEYS else str(value)
     return raw
 

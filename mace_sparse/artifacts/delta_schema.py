@@ -45,6 +45,18 @@ LAYER_COLUMNS = ("name", "kind", "shape", "size", "changed", "threshold_granular
                  "path_changed", "path_threshold", "element_size", "element_changed", "head_size", "head_changed")
 #: The layer columns of files written before the per-head counts.
 LEGACY_LAYER_COLUMNS = LAYER_COLUMNS[:-2]
+#: The layer columns of a file with per-element thresholds (``--sparse_threshold_granularity element``): one more,
+#: ``element_threshold``, written only when some layer has it, so that layer/path files keep their exact bytes.
+ELEMENT_LAYER_COLUMNS = LAYER_COLUMNS + ("element_threshold",)
+#: Every layer-column layout a reader accepts, newest first.
+KNOWN_LAYER_COLUMNS = (ELEMENT_LAYER_COLUMNS, LAYER_COLUMNS, LEGACY_LAYER_COLUMNS)
+#: ``threshold_granularity`` of a layer: one δ per tensor, per irrep path, or per chemical element.
+THRESHOLD_GRANULARITIES = ("layer", "path", "element")
+
+
+def layer_columns(layers: List[Mapping[str, Any]]) -> Tuple[str, ...]:
+    """The columns to store ``layers`` with: :data:`ELEMENT_LAYER_COLUMNS` only if a layer has per-element δ."""
+    return ELEMENT_LAYER_COLUMNS if any(r.get("element_threshold") is not None for r in layers) else LAYER_COLUMNS
 #: Entry table: one row per changed tensor. ``index_offset``/``index_bytes`` address bytes of the decompressed
 #: ``index`` stream, ``value_offset`` elements of the ``xor.<dtype>`` stream.
 ENTRY_COLUMNS = ("name", "shape", "dtype", "encoding", "count", "parameter", "index_offset", "index_bytes",
@@ -213,9 +225,10 @@ def _check_layers(meta: Dict[str, Any], check: _Checker) -> List[Dict[str, Any]]
     if derivation is not None and not isinstance(derivation, dict):
         check.fail("derivation must be a JSON object")
     table = meta["layers"]
-    legacy = isinstance(table, dict) and table.get("columns") == list(LEGACY_LAYER_COLUMNS)
+    stored = table.get("columns") if isinstance(table, dict) else None
+    columns = next((c for c in KNOWN_LAYER_COLUMNS if stored == list(c)), LAYER_COLUMNS)
     layers = []
-    for i, row in enumerate(check.table(table, LEGACY_LAYER_COLUMNS if legacy else LAYER_COLUMNS, "layers")):
+    for i, row in enumerate(check.table(table, columns, "layers")):
         at = f"layers row {i}"
         if not isinstance(row["name"], str) or not isinstance(row["kind"], str):
             check.fail(f"{at}: name and kind must be strings")
@@ -223,8 +236,8 @@ def _check_layers(meta: Dict[str, Any], check: _Checker) -> List[Dict[str, Any]]
         if math.prod(check.ints(row["shape"], f"{at} shape")) != size:
             check.fail(f"{at}: size {size} is not the product of its shape")
         changed = check.int(row["changed"], f"{at} changed", 0, size)
-        if row["threshold_granularity"] not in ("layer", "path"):
-            check.fail(f"{at}: threshold_granularity must be 'layer' or 'path'")
+        if row["threshold_granularity"] not in THRESHOLD_GRANULARITIES:
+            check.fail(f"{at}: threshold_granularity must be one of {', '.join(map(repr, THRESHOLD_GRANULARITIES))}")
         labels = row["path_labels"]
         if not isinstance(labels, list) or not labels or not all(isinstance(s, str) for s in labels):
             check.fail(f"{at}: path_labels must be a non-empty list of strings")
@@ -242,6 +255,7 @@ def _check_layers(meta: Dict[str, Any], check: _Checker) -> List[Dict[str, Any]]
             e_changed = check.ints(row["element_changed"], f"{at} element_changed", elements)
             if any(c > s for c, s in zip(e_changed, e_size)) or sum(e_size) > size:
                 check.fail(f"{at}: per-element counts exceed the layer's")
+        _check_element_thresholds(row, elements, at, check)
         if (row.get("head_size") is None) != (row.get("head_changed") is None):
             check.fail(f"{at}: head_size and head_changed come together")
         if row.get("head_size") is not None:
@@ -256,6 +270,20 @@ def _check_layers(meta: Dict[str, Any], check: _Checker) -> List[Dict[str, Any]]
     if sum(r["changed"] for r in layers) != meta["changed_adapted_entries"]:
         check.fail("changed_adapted_entries is not the sum of the changed entries of the layers")
     return layers
+
+
+def _check_element_thresholds(row: Dict[str, Any], elements: int, at: str, check: _Checker) -> None:
+    """A layer has ``element_threshold`` (one finite δ per element) exactly when its granularity is ``element``,
+    and then it is an element-indexed weight (it has per-element counts)."""
+    thresholds = row.get("element_threshold")
+    if (row["threshold_granularity"] == "element") != (thresholds is not None):
+        check.fail(f"{at}: element_threshold is given exactly when threshold_granularity is 'element'")
+    if thresholds is None:
+        return
+    if not isinstance(thresholds, list) or len(thresholds) != elements or not all(map(_is_number, thresholds)):
+        check.fail(f"{at}: element_threshold must be {elements} finite numbers (one per element)")
+    if row["element_size"] is None:
+        check.fail(f"{at}: element_threshold on a weight without per-element counts")
 
 
 def _check_streams(meta: Dict[str, Any], stored: Mapping[str, Tuple[int, int]], check: _Checker) -> Dict[str, Dict]:

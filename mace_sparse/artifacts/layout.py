@@ -7,46 +7,15 @@ per-path thresholds) and stored as plain per-layer records with per-path and per
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .. import reparametrization as rp
 from ..config import TARGET_KINDS
+from ..layouts import blocks_along, element_index
+from ..sparse_model import CONFIG_ATTR
 from ..model_walker import TargetWeight, find_targets
-
-
-def _blocks_along(shapes: List[tuple], axis: int) -> torch.Tensor:
-    """Index along ``axis`` of every entry of consecutive flat instruction blocks of the given shapes."""
-    parts = []
-    for shape in shapes:
-        view = [1] * len(shape)
-        view[axis] = shape[axis]
-        parts.append(torch.arange(shape[axis]).view(view).expand(shape).reshape(-1))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-
-
-def element_index(target: TargetWeight, num_elements: int) -> Optional[torch.Tensor]:
-    """Element (position in the model's ``atomic_numbers``) of every entry of an element-dependent weight, else None.
-
-    * symmetric contraction: axis 0 of the weight is the element;
-    * skip tensor product whose second input is the one-hot element: axis 1 of each path block
-      ``(mul_in1, num_elements, mul_out)``;
-    * an ``o3.Linear`` whose input is the one-hot element (node embedding, the non-linear block's
-      ``source_embedding``/``target_embedding``): the rows (``mul_in``) are elements.
-    """
-    weight = target.owner._parameters[target.name]
-    if target.kind == "contraction" and target.element_axis == 0 and weight.shape[0] == num_elements:
-        return torch.arange(num_elements).view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape).contiguous()
-    if target.kind == "skip_tp" and target.element_axis == -1:
-        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.has_weight]
-        if all(len(s) == 3 and s[1] == num_elements for s in shapes):
-            return _blocks_along(shapes, 1).view(weight.shape)
-    if target.kind == "linear" and target.element_axis == 0 and target.name == "weight":
-        shapes = [tuple(ins.path_shape) for ins in target.owner.instructions]
-        if all(len(s) == 2 and s[0] == num_elements for s in shapes):
-            return _blocks_along(shapes, 0).view(weight.shape)
-    return None
 
 
 def head_index(target: TargetWeight, num_heads: int) -> Optional[torch.Tensor]:
@@ -66,19 +35,40 @@ def head_index(target: TargetWeight, num_heads: int) -> Optional[torch.Tensor]:
     if target.name == "bias":
         return (torch.arange(weight.numel()) // block).view(weight.shape)
     shapes = [tuple(ins.path_shape) for ins in target.owner.instructions if ins.i_in != -1]
-    return (_blocks_along(shapes, 1) // block).view(weight.shape)
+    return (blocks_along(shapes, 1) // block).view(weight.shape)
+
+
+def _rounded(values: torch.Tensor) -> List[float]:
+    # 7 significant digits: δ is for reading, and full float64 reprs would dominate a small delta file
+    return [float(f"{v:.7g}") for v in values.detach().double().reshape(-1).tolist()]
 
 
 def _thresholds_per_path(sparse_model: torch.nn.Module, num_paths: Dict[str, int]) -> Dict[str, List[float]]:
     """Final δ = sigmoid(score) of each adapted weight, one value per path (a layer δ is repeated)."""
     out = {}
     for qualified, owner, name in rp.iter_reparametrized(sparse_model):
-        scores = owner._parameters[rp.SCORE.format(name)].detach()
-        # 7 significant digits: δ is for reading, and full float64 reprs would dominate a small delta file
-        values = [float(f"{v:.7g}") for v in torch.sigmoid(scores).double().reshape(-1).tolist()]
+        values = _rounded(torch.sigmoid(owner._parameters[rp.SCORE.format(name)]))
         paths = num_paths.get(qualified, len(values))
         out[qualified] = values if len(values) == paths else [values[0]] * paths
     return out
+
+
+def _element_thresholds(owner: torch.nn.Module, name: str, path_index: torch.Tensor,
+                        num_paths: int) -> Tuple[List[float], List[float]]:
+    """``(δ per path, δ per element)`` of a weight with one δ per element (``--sparse_threshold_granularity
+    element``).
+
+    A path of an element-indexed weight spans every element, so it has no single δ: its ``path_threshold`` is
+    the **mean δ over the path's entries** (for MACE's layouts every element holds the same number of entries of
+    a path, so this is the plain mean of the element δ). The per-element δ themselves are the new
+    ``element_threshold`` field.
+    """
+    per_element = torch.sigmoid(owner._parameters[rp.SCORE.format(name)].detach()).double()
+    per_entry = per_element[owner._buffers[rp.SEGMENTS.format(name)]].reshape(-1)
+    paths = path_index.reshape(-1)
+    sums = torch.bincount(paths, weights=per_entry, minlength=num_paths)
+    counts = torch.bincount(paths, minlength=num_paths).clamp(min=1)
+    return _rounded(sums / counts), _rounded(per_element)
 
 
 def layer_records(
@@ -87,6 +77,9 @@ def layer_records(
     changed: Dict[str, torch.Tensor],
 ) -> List[dict]:
     """One JSON-ready record per adapted weight, with per-path and per-element counts.
+
+    ``threshold_granularity`` is ``layer`` (one δ, repeated in ``path_threshold``), ``path`` (one δ per path) or
+    ``element`` (one δ per element, in ``element_threshold``; ``path_threshold`` is then each path's mean δ).
 
     Args:
         sparse_model: the sparse-trainable model (source of the adapted names and of δ).
@@ -102,9 +95,12 @@ def layer_records(
     num_heads = len(getattr(foundation, "heads", None) or ["Default"])
     num_paths = {q: len(targets[q].path_labels) for q in adapted if q in targets}
     thresholds = _thresholds_per_path(model, num_paths)
+    # a segments buffer means one δ per path, or per element in a run made with granularity "element"
+    segmented = "element" if model.__dict__.get(CONFIG_ATTR, {}).get("granularity") == "element" else "path"
+    owners = {q: (owner, name) for q, owner, name in rp.iter_reparametrized(model)}
     granularity = {
-        q: ("path" if owner._buffers.get(rp.SEGMENTS.format(name)) is not None else "layer")
-        for q, owner, name in rp.iter_reparametrized(model)
+        q: (segmented if owner._buffers.get(rp.SEGMENTS.format(name)) is not None else "layer")
+        for q, (owner, name) in owners.items()
     }
     records = []
     for qualified in adapted:
@@ -128,6 +124,9 @@ def layer_records(
             "path_changed": torch.bincount(path_index[mask], minlength=len(labels)).tolist(),
             "path_threshold": thresholds[qualified],
         }
+        if granularity[qualified] == "element":
+            record["path_threshold"], record["element_threshold"] = _element_thresholds(
+                *owners[qualified], path_index, len(labels))
         heads = head_index(target, num_heads) if target is not None else None
         if heads is not None:
             record["head_size"] = torch.bincount(heads.reshape(-1), minlength=num_heads).tolist()

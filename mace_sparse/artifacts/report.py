@@ -1,5 +1,8 @@
 """The interpretability report: which layers, irrep paths and chemical elements fine-tuning changed.
 
+With ``--sparse_threshold_granularity element`` the per-element table also shows each element's final δ (the
+delta file's ``element_threshold``); the per-path δ of such a layer is the mean over the path's entries.
+
 Everything is computed from the delta's metadata (counted at save time from the bitwise difference between
 merged model and foundation), so ``mace_sparse report D.safetensors`` needs neither MACE nor the models.
 The same numbers go to ``<name>_sparsity.json`` after a run and to ``report --json``.
@@ -81,6 +84,7 @@ def report_data(delta: Any) -> Dict[str, Any]:
                 per_head.append({"layer": record["name"], "head": name, "size": size, "changed": count,
                                  "percent_changed": _percent(count, size)})
         if "element_size" in record:
+            element_threshold = record.get("element_threshold")  # granularity "element" only
             for i, symbol in enumerate(symbols):
                 size, count = record["element_size"][i], record["element_changed"][i]
                 element_size[i] += size
@@ -96,6 +100,8 @@ def report_data(delta: Any) -> Dict[str, Any]:
                         "percent_changed": _percent(count, size),
                     }
                 )
+                if element_threshold is not None:
+                    per_element[-1]["threshold"] = element_threshold[i]
     return {
         "changed_entries": changed,
         "total_entries": total,
@@ -205,15 +211,21 @@ def format_report(data: Dict[str, Any]) -> str:
         for p in data["paths"]
     ]
     out.append(_table(["layer", "path", "size", "changed", "%", "delta"], rows, "llrrrr"))
+    if any(layer["threshold_granularity"] == "element" for layer in data["layers"]):
+        out.append("(layers with one delta per element: the path's delta is the mean over its entries)")
     if data["elements_per_layer"]:
         out += ["", "Changed entries per chemical element (element-dependent weights)"]
+        # a δ column only when some layer has one δ per element (--sparse_threshold_granularity element)
+        with_delta = any("threshold" in e for e in data["elements_per_layer"])
         rows = [
             [e["layer"], e["element"], e["size"], e["changed"], e["percent_changed"]]
+            + ([f"{e['threshold']:.3e}" if "threshold" in e else ""] if with_delta else [])
             for e in data["elements_per_layer"]
         ]
         rows += [["all element-dependent", e["element"], e["size"], e["changed"], e["percent_changed"]]
-                 for e in data["elements"]]
-        out.append(_table(["layer", "element", "size", "changed", "%"], rows, "llrrr"))
+                 + ([""] if with_delta else []) for e in data["elements"]]
+        headers = ["layer", "element", "size", "changed", "%"] + (["delta"] if with_delta else [])
+        out.append(_table(headers, rows, "llrrrr"))
     if data.get("heads_per_layer"):
         out += ["", "Changed entries per readout head (multihead readouts)"]
         rows = [[h["layer"], h["head"], h["size"], h["changed"], h["percent_changed"]] for h in data["heads_per_layer"]]
