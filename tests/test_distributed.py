@@ -259,3 +259,19 @@ def test_magnetic_head_distributed(oxide_foundation, oxide_frames, tmp_path_fact
     plain = torch.load(work / "ft.model", weights_only=False)
     assert not any(k.startswith("magnetic_head") for k in plain.state_dict())
     assert renamed_by_rank(work).get("rank0", []).count("ft_magnetic.model") == 1
+
+
+@pytest.mark.slow
+def test_fisher_budget_ranks_alike_on_every_rank(tiny_foundation, small_train, tmp_path_factory):
+    """--sparse_selection fisher sums the gradients after DDP has averaged them, so both ranks hold the same
+    importance sums and the same selection, and end bit-identical."""
+    work = distributed_run("fisher", ["--max_num_epochs", "2", "--finetune-method", "sparse_str", "--sparse_budget",
+                                      "0.03", "--sparse_selection", "fisher"], tiny_foundation, small_train,
+                           tmp_path_factory)
+    rank0, rank1 = rank_digests(work)
+    assert rank0["tensors"] == rank1["tensors"] and rank0["sha256"] == rank1["sha256"]
+    checkpoint = torch.load(work / "checkpoints" / "ft_run-1_epoch-1.pt", map_location="cpu", weights_only=False)
+    sums = {k: v for k, v in checkpoint["model"].items() if k.endswith("_importance")}
+    assert sums and set(sums) <= set(rank0["tensors"]) and sum(float(v.sum()) for v in sums.values()) > 0
+    report = json.loads((work / "ft_sparsity.json").read_text())
+    assert 0 < report["changed_entries"] <= int(0.03 * report["total_entries"])
