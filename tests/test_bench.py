@@ -130,7 +130,7 @@ def test_sparse_flags_accepted_with_the_plugin():
     parser = add_sparse_arguments(build_default_arg_parser())  # adds the magnetic flags too
     settings = bench_methods.TrainSettings(epochs=1)
     methods = bench_methods.all_methods()
-    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 15
+    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 16
     for name in ("full", "sparse_str-L-linear", "sparse_str-M-all", "sparse_str-H-all", "paper-recipe",
                  "sparse_str-B5-all"):
         args = parser.parse_args(bench_methods.train_command(_case(), methods[name], 0, settings, "train.xyz"))
@@ -146,6 +146,8 @@ def test_sparse_flags_accepted_with_the_plugin():
         0.05, "relative", None)
     args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-B5-fisher"], 0, settings, "x"))
     assert (args.sparse_budget, args.sparse_selection, args.sparse_threshold_scale) == (0.05, "fisher", "relative")
+    args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-M-element"], 0, settings, "x"))
+    assert (args.sparse_threshold_granularity, args.sparse_threshold_weight_decay) == ("element", None)
     with pytest.raises(ValueError):
         bench_methods.train_command(_case(), methods["zero-shot"], 0, settings, "x")
     with pytest.raises(ValueError, match="unknown method"):

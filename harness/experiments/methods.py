@@ -21,6 +21,8 @@ the method's own flags differ:
 * ``sparse_str-B5-fisher``: the same budget, entries ranked by accumulated squared gradient instead of the latent
   |ΔW| (``--sparse_selection fisher``): the importance-signal comparison. Its step cost is measured as the
   other sparse_str-all methods' (the ranking's extra work is not timed separately).
+* ``sparse_str-M-element``: the command line's defaults with one δ per chemical element for the element-indexed
+  weights (``--sparse_threshold_granularity element``); not in full mode's list (run it with ``--methods``).
 * ``sparse_str-B5-all-s2`` / ``-rt``: the same run continued in MACE's stage two (same lr and loss weights) once
   stage one stops, without / with ``--sparse_retrain_support`` (the support fixed, the kept entries retrained).
 * ``sparse_str-{L,H}-{linear,all}``: ``--finetune_method sparse_str`` with a preset of :data:`SPARSE_PRESETS`
@@ -149,6 +151,9 @@ def all_methods(
         Method("sparse_str-B5-all-rt", "sparse_str", (*budget, "--sparse_retrain_support", "True"),
                "sparse_str-all", targets="all", stage_two=True),
     ]
+    methods.append(Method("sparse_str-M-element", "sparse_str",
+                          ("--finetune_method", "sparse_str", "--sparse_threshold_granularity", "element",
+                           "--sparse_targets", "all", *sparse_flags), "sparse_str-all", lambda_tau=1.0, targets="all"))
     for preset, values in SPARSE_PRESETS.items():
         for targets in PRESET_TARGETS[preset]:
             methods.append(Method(

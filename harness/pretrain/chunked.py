@@ -15,7 +15,9 @@ The learning rate follows MACE's ReduceLROnPlateau within a chunk and a step sch
 stored in the checkpoint to resume from is lowered to the step's value (never raised; Adam's moments are kept).
 MACE's plateau test alone never fired here: with a relative threshold of 1e-4 every noisy new best resets it, and
 the runs sat at lr 0.01 for 55+ epochs while still improving about 1 % per epoch. The steps were placed so that
-pretraining fits the CPU budget of two sessions; the convergence test below is applied unchanged.
+pretraining ends within the CPU time left (first set to 0.003/0.001/0.0003 eight epochs apart, then compressed to
+four or five epochs apart on 2026-12-01 so that the benchmark can start); the convergence test below is applied
+unchanged.
 
 Converged means: the best validation force MAE improved by less than :data:`CONVERGED_GAIN` (2 %) over the last
 :data:`TAIL` (20 %) of the epochs run, after at least :data:`MIN_EPOCHS`. When it is, the EMA model of the best
@@ -61,7 +63,7 @@ SPECS: Dict[str, Dict] = {
                  "--num_radial_basis", "8", "--radial_MLP", "[64,64,64]"],
         "loss": ["--loss", "weighted", "--energy_weight", "1", "--forces_weight", "10"],
         "note": "Trained on energies and forces of molecules (no periodic cells, no stress).",
-        "lr_steps": [(59, 0.003), (67, 0.001), (75, 0.0003)],
+        "lr_steps": [(59, 0.003), (63, 0.001), (67, 0.0003)],
     },
     "inorganic-s": {
         "data": DATA / "inorganic_s",
@@ -74,7 +76,7 @@ SPECS: Dict[str, Dict] = {
         "loss": ["--loss", "stress", "--stress_key", "REF_stress", "--energy_weight", "1", "--forces_weight", "10",
                  "--stress_weight", "100"],
         "note": "Trained on energies, forces and stress; CHGNet's moments (`REF_magmoms`) are not trained on.",
-        "lr_steps": [(32, 0.003), (40, 0.001), (48, 0.0003)],
+        "lr_steps": [(28, 0.003), (33, 0.001), (38, 0.0003)],
     },
 }
 
