@@ -293,3 +293,12 @@ def test_plan_lists_the_full_modes_design_without_training(capsys, tmp_path):
     # 4 tuned × 3 lr + 4 tuned × 3 seeds + 6 secondary × 1 seed
     assert text.rstrip().endswith("finished runs are reused)") and "\n30 mace_run_train runs in all" in text
     assert not (tmp_path / "b").exists()  # nothing written, nothing trained
+
+
+def test_bench_records_the_commit_it_ran_from():
+    import subprocess
+
+    from harness.cli.bench import source_commit
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert head and source_commit().split()[0] == head

@@ -212,7 +212,7 @@ def _bench(args: argparse.Namespace) -> str:
         "dtype": settings.dtype, "methods": [m.name for m in methods],
         "method_flags": {m.name: list(m.flags) for m in methods},
         "sparse_presets": bench_methods.SPARSE_PRESETS, "freeze": args.freeze, "lora_rank": args.lora_rank,
-        "lora_alpha": args.lora_alpha, "environment": _environment(),
+        "lora_alpha": args.lora_alpha, "environment": _environment(), "commit": source_commit(),
         "tuned": list(options.tuned) if options.tuned else None,
         "secondary_seeds": options.secondary_seeds,
     }
@@ -254,6 +254,22 @@ def plan_text(cases: List[Any], options: Any) -> str:
     lines.append(f"{total} mace_run_train runs in all (a tuned method's seed-{options.seeds[0]} run is its tuning "
                  "run, counted in both phases; finished runs are reused)")
     return "\n".join(lines) + "\n"
+
+
+def source_commit() -> str:
+    """The checkout's commit (``+local changes`` when the runtime or harness differ from it), for bench.md."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mace_sparse", "harness/pipeline",
+                                "harness/experiments", "harness/cli"], cwd=root, capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head + (" +local changes" if dirty else "")
 
 
 def _environment() -> Dict[str, Any]:

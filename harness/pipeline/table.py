@@ -306,7 +306,8 @@ def markdown(report: Dict[str, Any]) -> str:
     meta = report["meta"]
     out = [f"**Partial: {meta['partial']}.**", ""] if meta.get("partial") else []
     out += [
-        f"Measured {meta['date']} with `{meta['command']}` ({meta['mode']} mode: {meta['covers']}).",
+        f"Measured {meta['date']} with `{meta['command']}` ({meta['mode']} mode: {meta['covers']})"
+        + (f", commit {meta['commit']}." if meta.get("commit") else "."),
         "",
         f"Epochs {meta['epochs']}{_protocol_text(meta)}, batch size {meta['batch_size']}, seeds {meta['seeds']}, "
         f"{meta['dtype']}, `--multiheads_finetuning False`; sparse_str presets {_presets_text(meta)}, "
