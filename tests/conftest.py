@@ -134,6 +134,15 @@ def double_batch(atoms_list, model):
     return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
 
 
+def assert_same_energy(model, other, batch, tol: float = 1e-12) -> None:
+    """``other`` (e.g. the merged, saved model) predicts the energies ``model`` predicts on ``batch``."""
+    import torch
+
+    expected = model(batch, training=False, compute_force=False)["energy"]
+    got = other(batch, training=False, compute_force=False)["energy"]
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
 #: the bundled CHGNet-labelled magnetic oxide cells (mace_sparse/data/magnetic_oxides, made by harness.data.magnetic_oxides)
 OXIDE_FILE = Path(__file__).resolve().parent.parent / "mace_sparse" / "data" / "magnetic_oxides" / "train.xyz"
 

@@ -13,7 +13,7 @@ from mace_sparse import reparametrization as rp
 from mace_sparse.budget import BUDGET_ATTR, CUT_ATTR, SCALE_ATTR
 from mace_sparse.sparse_model import sparsity_stats
 
-from conftest import double_batch
+from conftest import assert_same_energy, double_batch
 
 
 def _train(model, batch, steps, lr=0.05):
@@ -53,9 +53,7 @@ def test_budget_holds_at_every_step_and_in_the_merged_model(foundation_model, sl
     assert not any(CUT_ATTR in m.__dict__ or SCALE_ATTR in m.__dict__ for m in merged.modules())
     assert not merged._forward_pre_hooks and BUDGET_ATTR not in merged.__dict__
     # the saved model predicts what the training model predicts
-    e_train = model(batch, training=False, compute_force=False)["energy"]
-    e_merged = merged(batch, training=False, compute_force=False)["energy"]
-    torch.testing.assert_close(e_merged, e_train, rtol=1e-12, atol=1e-12)
+    assert_same_energy(model, merged, batch)
 
 
 def test_budget_cut_follows_loaded_weights(foundation_model, slab_atoms, fast_deterministic_torch):

@@ -18,7 +18,7 @@ from mace_sparse.config import SparseConfigError
 from mace_sparse.optim import sparse_param_groups
 from mace_sparse.sparse_model import sparsity_stats
 
-from conftest import double_batch
+from conftest import assert_same_energy, double_batch
 
 CONFIG = dict(budget=0.02, threshold_weight_decay=0.0, selection="fisher", init_threshold=1e-6)
 
@@ -82,9 +82,7 @@ def test_fisher_budget_selects_the_most_important_entries(foundation_model, slab
     merged = merge_and_unload(copy.deepcopy(model))
     assert not any(IMPORTANCE.format("weight") in m._buffers or CUT_ATTR in m.__dict__ for m in merged.modules())
     assert not any(k_.endswith("_importance") for k_ in merged.state_dict())
-    e_train = model(batch, training=False, compute_force=False)["energy"]
-    e_merged = merged(batch, training=False, compute_force=False)["energy"]
-    torch.testing.assert_close(e_merged, e_train, rtol=1e-12, atol=1e-12)
+    assert_same_energy(model, merged, batch)
 
 
 def test_importance_is_the_sum_of_raw_squared_gradients(foundation_model, slab_atoms, fast_deterministic_torch):
