@@ -67,3 +67,30 @@ def test_apply_schedule_uses_the_latest_checkpoint_and_logs(tmp_path):
     assert older["optimizer"]["param_groups"][0]["lr"] == 0.01
     assert (tmp_path / "lr_schedule.log").read_text() == \
         "after 60 epochs: lr 0.01 -> 0.003 in x_run-1_epoch-57.pt\n"
+
+
+def test_a_chunk_stops_on_the_epoch_line_that_converges(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [f"2026-12-01 INFO: Epoch {e}: head: Default, loss=1, MAE_F= {100 - e:.2f} meV / A" for e in range(40)]
+    (logs / "x_run-1.log").write_text("\n".join(lines) + "\n")
+    assert not chunked._converged_now("INFO: Epoch 39: ...", tmp_path, settle_s=0)  # still 1 %+ per epoch
+    flat = lines + [f"2026-12-01 INFO: Epoch {e}: head: Default, loss=1, MAE_F= 61.00 meV / A" for e in range(40, 60)]
+    (logs / "x_run-1.log").write_text("\n".join(flat) + "\n")
+    assert not chunked._converged_now("INFO: Valid loss", tmp_path, settle_s=0)  # only epoch lines trigger
+    assert chunked._converged_now("INFO: Epoch 59: ...", tmp_path, settle_s=0)
+
+
+def test_model_is_stale_until_written_after_the_checkpoint(tmp_path):
+    import os
+
+    assert not chunked._model_is_stale(tmp_path, "x")  # no checkpoint yet: nothing to write
+    (tmp_path / "checkpoints").mkdir()
+    checkpoint = _checkpoint(tmp_path / "checkpoints" / "x_run-1_epoch-7.pt")
+    assert chunked._model_is_stale(tmp_path, "x")
+    model = tmp_path / "x.model"
+    model.write_bytes(b"")
+    os.utime(model, (checkpoint.stat().st_mtime - 10,) * 2)
+    assert chunked._model_is_stale(tmp_path, "x")
+    os.utime(model, (checkpoint.stat().st_mtime + 10,) * 2)
+    assert not chunked._model_is_stale(tmp_path, "x")

@@ -185,6 +185,34 @@ def apply_schedule(work: Path, done: int, steps: List[Tuple[int, float]]) -> Non
         print(line, flush=True)
 
 
+def _converged_now(line: str, work: Path, settle_s: float = 20.0) -> bool:
+    """On an epoch line: has the curve converged? If so, wait ``settle_s`` so that MACE finishes writing that
+    epoch's checkpoint (it saves right after logging) before the chunk is stopped."""
+    if "INFO: Epoch" not in line or not convergence(curve(work))["converged"]:
+        return False
+    time.sleep(settle_s)
+    return True
+
+
+def _model_is_stale(work: Path, name: str) -> bool:
+    """True when MACE's ``<name>.model`` is missing or older than the checkpoint it should come from."""
+    model, checkpoint = work / f"{name}.model", latest_checkpoint(work)
+    return checkpoint is not None and (not model.is_file() or model.stat().st_mtime < checkpoint.stat().st_mtime)
+
+
+def finish(name: str, work: Path, env: Dict[str, str]) -> None:
+    """Write ``<name>.model`` from the latest (= best) checkpoint without training: ``--restart_latest`` with
+    ``--max_num_epochs`` at the checkpoint's epoch, so MACE's loop is empty and only its final evaluation and
+    save run (a chunk stopped on convergence never reached them)."""
+    checkpoint = latest_checkpoint(work)
+    epoch = int(re.search(r"_epoch-(\d+)\.pt$", checkpoint.name).group(1))
+    base = _wall(work)
+    run = run_mace_train(command(name, epoch)[1:], work, plugin=False, env_extra=env, append=True)
+    (work / "wall_s.txt").write_text(f"{base + run.wall_s:.1f}\n")
+    if run.returncode != 0 or _model_is_stale(work, name):
+        sys.exit(f"error: writing {name}.model from {checkpoint.name} failed; see {work / 'command.log'}")
+
+
 def _wall(work: Path) -> float:
     f = work / "wall_s.txt"
     return float(f.read_text()) if f.is_file() else 0.0
@@ -203,6 +231,8 @@ def run_chunks(name: str, chunk: int, max_epochs: int, hours: Optional[float], t
         state = convergence(curve(work))
         done = state["epochs"]
         if state["converged"] or done >= max_epochs:
+            if _model_is_stale(work, name):
+                finish(name, work, env)
             return state
         if hours is not None and time.time() - started > hours * 3600:
             print(f"time budget of {hours} h used; run the same command again to continue", flush=True)
@@ -217,8 +247,12 @@ def run_chunks(name: str, chunk: int, max_epochs: int, hours: Optional[float], t
                 (work / "wall_s.txt").write_text(f"{base + elapsed:.1f}\n")
                 written[0] = elapsed
 
-        run = run_mace_train(cmd[1:], work, plugin=False, env_extra=env, append=True, on_poll=keep_wall)
+        run = run_mace_train(cmd[1:], work, plugin=False, env_extra=env, append=True, on_poll=keep_wall,
+                             on_line=lambda line: _converged_now(line, work))
         (work / "wall_s.txt").write_text(f"{base + run.wall_s:.1f}\n")
+        if run.stopped:  # converged within the chunk: stopped at once, the model is written by finish()
+            print("converged during the chunk; stopped it", flush=True)
+            continue
         if run.returncode != 0:
             sys.exit(f"error: mace_run_train failed ({run.returncode}); see {work / 'command.log'}")
         after = convergence(curve(work))
