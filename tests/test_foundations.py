@@ -90,3 +90,18 @@ def test_benchmark_scale_names_resolve_or_say_how_to_build_them(name):
     else:
         with pytest.raises(FileNotFoundError, match=f"python -m harness.pretrain {name}"):
             foundations.resolve(f"mace_sparse:{name}")
+
+
+@pytest.mark.parametrize("name", foundations.BENCHMARK_SCALE)
+def test_bundled_benchmark_scale_foundation_is_real_scale_and_converged(name):
+    """Once bundled, a benchmark-scale foundation is a real MACE of ≥ 150k parameters whose card says converged
+    and names the count it has (the pretraining copies it only after the convergence test passed)."""
+    if not (foundations._HERE / f"{name}.model").is_file():
+        pytest.skip(f"{name} is still pretraining (python -m harness.pretrain {name})")
+    from mace_sparse.mace_io import load_trusted_model
+
+    model = load_trusted_model(foundations.path(name))
+    count = sum(p.numel() for p in model.parameters())
+    assert count >= 150_000 and type(model).__name__ == "ScaleShiftMACE"
+    card = (foundations._HERE / f"{name}.md").read_text()
+    assert "| status | converged |" in card and f"| parameters | {count} |" in card
