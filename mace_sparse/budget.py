@@ -70,17 +70,19 @@ def _entries(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str]]:
     return [(owner, name) for _, owner, name in rp.iter_reparametrized(model)]
 
 
-def _kth_cut(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The (k+1)-th largest value of ``flat``: at most k entries lie strictly above it."""
+def _kth_cut(flat: torch.Tensor, k: int, unbound: float) -> torch.Tensor:
+    """The (k+1)-th largest value of ``flat``, so that at most k entries lie strictly above it; ``unbound`` when
+    the budget allows every entry (k ≥ the number of entries)."""
     if k >= flat.numel():
-        return torch.full((), -1.0, dtype=flat.dtype, device=flat.device) if flat.numel() else torch.zeros(())
+        return torch.full((), unbound, dtype=flat.dtype, device=flat.device)
     return torch.kthvalue(flat, flat.numel() - k).values
 
 
 def _update_importance_cut(entries: List[Tuple[torch.nn.Module, str]], k: int) -> None:
     """Per entry: 0 for the k most important (strictly above the (k+1)-th score), +inf for every other one."""
     scores = [owner._buffers[IMPORTANCE.format(name)] * (scale_of(owner, name) or 1.0) ** 2 for owner, name in entries]
-    cut = _kth_cut(torch.cat([s.reshape(-1) for s in scores]) if scores else torch.zeros(0), k)
+    # unbound: -1, below every sum of squares, so that every entry is selected
+    cut = _kth_cut(torch.cat([s.reshape(-1) for s in scores]) if scores else torch.zeros(0), k, unbound=-1.0)
     for (owner, name), score in zip(entries, scores):
         blocked = torch.full_like(score, float("inf"))
         owner.__dict__.setdefault(CUT_ATTR, {})[name] = torch.where(score > cut, torch.zeros_like(score), blocked)
@@ -102,10 +104,7 @@ def update_cut(model: torch.nn.Module, *_args) -> None:
         delta = owner._parameters[rp.DELTA.format(name)]
         magnitudes.append((delta.detach().abs() / (scale_of(owner, name) or 1.0)).reshape(-1))
     flat = torch.cat(magnitudes) if magnitudes else torch.zeros(0)
-    if k >= flat.numel():
-        cut = torch.zeros((), dtype=flat.dtype, device=flat.device)
-    else:  # the (k+1)-th largest value: at most k entries lie strictly above it
-        cut = torch.kthvalue(flat, flat.numel() - k).values
+    cut = _kth_cut(flat, k, unbound=0.0)  # unbound: no cut beyond each entry's own δ
     for owner, _ in entries:
         owner.__dict__[CUT_ATTR] = cut
 

@@ -240,9 +240,9 @@ def plan_text(cases: List[Any], options: Any) -> str:
     """``--plan``: what would run, per case, without running it (finished runs are reused when it does run)."""
     from harness.pipeline import runner as bench_runner
 
+    tuned = [m.name for m in options.methods if m.trains and options.is_tuned(m)] if options.lr_grid else []
     lines = []
     for case in cases:
-        tuned = [m.name for m in options.methods if m.trains and options.is_tuned(m)] if options.lr_grid else []
         lines.append(f"{case.label}:")
         if tuned:
             lines.append(f"  tuning, seed {options.seeds[0]}, lr {list(options.lr_grid)}: {', '.join(tuned)}")

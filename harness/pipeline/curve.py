@@ -71,3 +71,14 @@ def run_log(run_dir: Path) -> str:
     logs = sorted((run_dir / "logs").glob("*_run-*.log")) if (run_dir / "logs").is_dir() else []
     logs = [p for p in logs if not p.name.endswith("_debug.log")]
     return logs[-1].read_text(errors="replace") if logs else ""
+
+
+def latest_checkpoint_epoch(run_dir: Path) -> Optional[int]:
+    """The epoch of the checkpoint ``--restart_latest`` will load (MACE tries the stage-two ones first)."""
+    files = list((run_dir / "checkpoints").glob("*_epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
+    pattern = re.compile(r"_epoch-(\d+)(_swa)?\.pt$")
+    found = [(bool(m.group(2)), int(m.group(1))) for m in map(pattern.search, (f.name for f in files)) if m]
+    if not found:
+        return None
+    swa = [e for is_swa, e in found if is_swa]
+    return max(swa) if swa else max(e for _, e in found)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from mace_sparse.mace_io import output_paths
 from mace_sparse.training import log_tail, run_mace_train
 
-from .curve import STOP_LINE, best_epoch_from_log, parse_curve, run_log
+from .curve import STOP_LINE, best_epoch_from_log, latest_checkpoint_epoch, parse_curve, run_log
 
 _EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO: Epoch (\d+):")
 
@@ -75,17 +75,6 @@ def median_epoch_seconds(log_text: str) -> Optional[float]:
             stamps.append(datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f"))
     gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
     return statistics.median(gaps) if gaps else None
-
-
-def latest_checkpoint_epoch(run_dir: Path) -> Optional[int]:
-    """The epoch of the checkpoint ``--restart_latest`` will load (MACE tries the stage-two ones first)."""
-    files = list((run_dir / "checkpoints").glob("*_epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    pattern = re.compile(r"_epoch-(\d+)(_swa)?\.pt$")
-    found = [(bool(m.group(2)), int(m.group(1))) for m in map(pattern.search, (f.name for f in files)) if m]
-    if not found:
-        return None
-    swa = [e for is_swa, e in found if is_swa]
-    return max(swa) if swa else max(e for _, e in found)
 
 
 def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patience: Optional[int] = None,

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from harness.pipeline.curve import latest_checkpoint_epoch
 from mace_sparse.training import run_mace_train
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -165,10 +166,9 @@ def lower_lr(checkpoint: Path, lr: float) -> Optional[float]:
 
 
 def latest_checkpoint(work: Path) -> Optional[Path]:
-    """The checkpoint ``--restart_latest`` resumes from (MACE's highest epoch number)."""
-    found = [(int(m.group(1)), p) for p in (work / "checkpoints").glob("*_epoch-*.pt")
-             if (m := re.search(r"_epoch-(\d+)\.pt$", p.name))]
-    return max(found)[1] if found else None
+    """The checkpoint ``--restart_latest`` resumes from (:func:`harness.pipeline.curve.latest_checkpoint_epoch`)."""
+    epoch = latest_checkpoint_epoch(work)
+    return None if epoch is None else next((work / "checkpoints").glob(f"*_epoch-{epoch}.pt"))
 
 
 def apply_schedule(work: Path, done: int, steps: List[Tuple[int, float]]) -> None:
@@ -204,8 +204,7 @@ def finish(name: str, work: Path, env: Dict[str, str]) -> None:
     """Write ``<name>.model`` from the latest (= best) checkpoint without training: ``--restart_latest`` with
     ``--max_num_epochs`` at the checkpoint's epoch, so MACE's loop is empty and only its final evaluation and
     save run (a chunk stopped on convergence never reached them)."""
-    checkpoint = latest_checkpoint(work)
-    epoch = int(re.search(r"_epoch-(\d+)\.pt$", checkpoint.name).group(1))
+    checkpoint, epoch = latest_checkpoint(work), latest_checkpoint_epoch(work)
     base = _wall(work)
     run = run_mace_train(command(name, epoch)[1:], work, plugin=False, env_extra=env, append=True)
     (work / "wall_s.txt").write_text(f"{base + run.wall_s:.1f}\n")
