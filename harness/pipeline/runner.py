@@ -222,7 +222,7 @@ def _evaluate_run(job: _Job, reference, target: Path, source: Optional[Path]) ->
         "changed_percent": change.changed_percent,
         "model_bytes": out.model.stat().st_size, "wall_s": out.wall_s, "epoch_s_from_log": out.epoch_s,
         "run_dir": str(out.run_dir), "lr": job.lr, "curve": out.curve, "stopped_early": out.stopped_early,
-        "epochs_run": (out.curve[-1]["epoch"] + 1) if out.curve else None,
+        "epochs_run": (out.curve[-1]["epoch"] + 1) if out.curve else None, "resumed": out.resumed,
     }
     best = best_point(out.curve)
     if best is not None:

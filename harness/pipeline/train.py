@@ -3,9 +3,10 @@
 Each run gets its own directory (console output and command line in ``command.log``, as the runtime wrapper
 writes them). On top of the plain process this layer adds what experiments need: early stopping at patience
 (MACE 0.3.16 logs the stop but goes on; see :mod:`harness.pipeline.curve`) finished from the best checkpoint,
-reuse of a run that already finished with the same arguments (an interrupted experiment restarted with the
-same ``--out`` picks up where it stopped), the learning curve, and the wall time between consecutive
-validation lines (kept in the JSON as a cross-check of the in-process step timing). Nothing else is read from
+reuse of a run that already finished with the same arguments and the resume of one that was interrupted
+(an experiment restarted with the same ``--out`` picks up where it stopped, inside a run too), the learning
+curve, and the wall time between consecutive validation lines (kept in the JSON as a cross-check of the
+in-process step timing). Nothing else is read from
 MACE's metrics: the evaluation is :mod:`harness.pipeline.evaluate`.
 """
 
@@ -17,13 +18,14 @@ import json
 import re
 import shutil
 import statistics
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from mace_sparse.mace_io import output_paths
-from mace_sparse.training import log_tail, run_mace_train
+from mace_sparse.training import STOPPED, log_tail, run_mace_train
 
-from .curve import STOP_LINE, best_epoch_from_log, latest_checkpoint_epoch, parse_curve, run_log
+from .curve import STOP_LINE, best_epoch_from_log, latest_checkpoint_epoch, parse_curve, run_log, stopped_early
 
 _EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO: Epoch (\d+):")
 
@@ -43,6 +45,8 @@ class TrainOutput:
     #: validation points per epoch (:func:`harness.pipeline.curve.parse_curve`)
     curve: List[Dict[str, float]] = dataclasses.field(default_factory=list)
     stopped_early: bool = False
+    #: how many times the run was interrupted and resumed from its checkpoint (0: ran in one go)
+    resumed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -50,6 +54,8 @@ class TrainOutput:
 
 
 DONE_FILE = "bench_run.json"
+#: written when a run starts (its arguments, the wall time of earlier segments): what makes it resumable
+STARTED_FILE = "bench_started.json"
 
 
 def _final_stop(chunk: bytes, marker: bytes) -> bool:
@@ -77,6 +83,33 @@ def median_epoch_seconds(log_text: str) -> Optional[float]:
     return statistics.median(gaps) if gaps else None
 
 
+def _read_json(path: Path) -> Optional[Dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _last_write(run_dir: Path) -> float:
+    """When the run last wrote a line (MACE's own log is flushed per line, the console log may lag)."""
+    files = [run_dir / "command.log", *((run_dir / "logs").glob("*.log") if (run_dir / "logs").is_dir() else [])]
+    return max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
+
+
+def _earlier_wall(run_dir: Path, args: List[str]) -> Optional[float]:
+    """Seconds an interrupted run with these ``args`` already trained, or None when it cannot be resumed.
+
+    Resumable: it was started with the very same arguments (``bench_started.json``) and MACE wrote a
+    checkpoint. The interrupted segment ran from its recorded start to the last line it wrote.
+    """
+    started = _read_json(run_dir / STARTED_FILE)
+    if not started or started.get("args") != args or latest_checkpoint_epoch(run_dir) is None:
+        return None
+    return float(started.get("wall_s", 0.0)) + max(0.0, _last_write(run_dir) - float(started["segment_start"]))
+
+
+def _mark_started(run_dir: Path, args: List[str], wall_s: float, resumed: int) -> None:
+    record = {"args": args, "wall_s": wall_s, "segment_start": time.time(), "resumed": resumed}
+    (run_dir / STARTED_FILE).write_text(json.dumps(record))
+
+
 def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patience: Optional[int] = None,
                  stage_two: bool = False, on_line: Optional[Callable[[str], None]] = None) -> TrainOutput:
     """Run ``mace_run_train ARGS`` in ``run_dir`` (created) and return what it produced.
@@ -88,20 +121,31 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     every console line (progress reports).
 
     A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
-    not repeated.
+    not repeated. One that was interrupted (the benchmark stopped, the session cut) is resumed from MACE's
+    checkpoint with ``--restart_latest``, so a long benchmark loses at most the epochs since the last best
+    one; a run whose log already says patience is exhausted goes straight to the finish. MACE's resume
+    starts again at the best checkpoint's epoch with its patience counter at zero, so a resumed run may
+    train a few epochs more than an uninterrupted one would; ``resumed`` in ``bench_run.json`` says so.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [str(a) for a in args]
     done = run_dir / DONE_FILE
-    previous = json.loads(done.read_text()) if done.is_file() else None
+    previous = _read_json(done)
     stopped = bool(previous and previous.get("stopped_early"))
+    resumed = int(previous.get("resumed", 0)) if previous else 0
     stem = f"{name}_stagetwo" if stage_two else name
     if previous and previous.get("args") == args and (run_dir / f"{stem}.model").is_file():
         returncode, wall, reused = 0, float(previous["wall_s"]), True
     else:
         done.unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint must not be resumed
-        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+        earlier = _earlier_wall(run_dir, args)
+        if earlier is None:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint must not be resumed
+            shutil.rmtree(run_dir / "logs", ignore_errors=True)
+            earlier, resumed = 0.0, 0
+        else:
+            resumed = int(_read_json(run_dir / STARTED_FILE).get("resumed", 0)) + 1
+        _mark_started(run_dir, args, earlier, resumed)
         reused = False
 
         def report(line: str) -> bool:
@@ -112,8 +156,13 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
         def watch(line: str) -> bool:
             return report(line) or (patience is not None and _stop_watcher(line))
 
-        first = run_mace_train(args, run_dir, on_line=watch)
-        returncode, wall, stopped = first.returncode, first.wall_s, first.stopped
+        if resumed and patience is not None and stopped_early(run_log(run_dir)):
+            returncode, wall, stopped = STOPPED, 0.0, True  # it had stopped; only the finish was cut off
+        else:
+            first = run_mace_train([*args, "--restart_latest"] if resumed else args, run_dir,
+                                   append=bool(resumed), on_line=watch)
+            returncode, wall, stopped = first.returncode, first.wall_s, first.stopped
+        wall += earlier
         if stopped:
             best = latest_checkpoint_epoch(run_dir)
             best = best if best is not None else best_epoch_from_log(run_log(run_dir))
@@ -121,7 +170,8 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
             second = run_mace_train(finish, run_dir, append=True, on_line=report)
             returncode, wall = second.returncode, wall + second.wall_s
         if returncode == 0:
-            done.write_text(json.dumps({"args": args, "wall_s": wall, "stopped_early": stopped}))
+            done.write_text(json.dumps({"args": args, "wall_s": wall, "stopped_early": stopped,
+                                        "resumed": resumed}))
     log_text = run_log(run_dir)
     epoch_s = median_epoch_seconds(log_text) if log_text else None
     outputs = output_paths(run_dir, stem)
@@ -129,7 +179,7 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     return TrainOutput(
         run_dir=run_dir, model=run_dir / f"{stem}.model", returncode=returncode, wall_s=wall, epoch_s=epoch_s,
         delta=delta if delta.is_file() else None, sparsity_json=sparsity if sparsity.is_file() else None,
-        reused=reused, curve=parse_curve(log_text), stopped_early=stopped,
+        reused=reused, curve=parse_curve(log_text), stopped_early=stopped, resumed=resumed,
     )
 
 
