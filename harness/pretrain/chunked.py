@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from harness.pipeline.curve import latest_checkpoint_epoch
+from harness.pipeline.curve import latest_checkpoint_epoch, parse_curve, run_log
 from mace_sparse.training import run_mace_train
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -90,8 +89,6 @@ COMMON = [
     "--restart_latest",
 ]
 
-EPOCH_LINE = re.compile(r"INFO: Epoch (\d+): .*?MAE_F=\s*([0-9.]+) meV")
-
 
 def command(name: str, max_epochs: int) -> List[str]:
     """The ``mace_run_train`` command of one chunk (run inside the work directory)."""
@@ -101,15 +98,13 @@ def command(name: str, max_epochs: int) -> List[str]:
 
 
 def curve(work: Path) -> List[Tuple[int, float]]:
-    """(epoch, validation force MAE in meV/Å) over every chunk; a re-run epoch keeps its latest value."""
-    points: Dict[int, float] = {}
-    # MACE's own log (appended by every chunk, flushed per line); the console log is block-buffered
-    logs = [p for p in sorted((work / "logs").glob("*_run-*.log")) if not p.name.endswith("_debug.log")]
-    for log in logs or [work / "command.log"]:
-        if log.is_file():
-            for match in EPOCH_LINE.finditer(log.read_text(errors="replace")):
-                points[int(match.group(1))] = float(match.group(2))
-    return sorted(points.items())
+    """(epoch, validation force MAE in meV/Å) over every chunk; a re-run epoch keeps its latest value.
+
+    MACE's own log (appended by every chunk, flushed per line) when there is one; else the console log.
+    """
+    console = work / "command.log"
+    text = run_log(work) or (console.read_text(errors="replace") if console.is_file() else "")
+    return [(int(p["epoch"]), p["mae_f"]) for p in parse_curve(text) if "mae_f" in p]
 
 
 def convergence(points: List[Tuple[int, float]]) -> Dict:
