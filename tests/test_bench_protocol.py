@@ -80,6 +80,34 @@ def test_pool_split_keeps_validation_apart(tmp_path, emt_data):
         split_files(too_many, tmp_path)
 
 
+def test_grid_runs_from_its_middle_out():
+    from harness.pipeline.runner import center_out
+
+    assert center_out((0.003, 0.01, 0.03)) == [0.01, 0.003, 0.03]
+    assert center_out((1.0, 2.0, 3.0, 4.0)) == [3.0, 2.0, 4.0, 1.0]
+    assert center_out((0.01,)) == [0.01] and center_out(()) == []
+
+
+def test_finished_only_keeps_the_runs_that_finished_with_the_same_arguments(tmp_path):
+    from harness.pipeline.runner import BenchOptions, _finished_only, _plan
+
+    options = BenchOptions(methods=bench_methods.select_methods(["full", "sparse_str-H-all"]), seeds=[0, 1],
+                           settings=bench_methods.TrainSettings(epochs=5, patience=2), out=tmp_path)
+    jobs = _plan(_case(), options, tmp_path / "train.xyz", tmp_path, reference=True)
+    assert sorted(j.method.name for j in jobs if j.method.kind == "reference") == ["reference-lr0"] * 2
+    done = {("full", 0), ("sparse_str-H-all", 1)}
+    for job in jobs:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        if (job.method.name, job.seed) in done:
+            (job.run_dir / "model.model").write_text("m")
+            (job.run_dir / "bench_run.json").write_text(json.dumps({"args": job.args, "wall_s": 1.0}))
+    stale = next(j for j in jobs if (j.method.name, j.seed) == ("full", 1))
+    (stale.run_dir / "model.model").write_text("m")  # finished, but with other arguments
+    (stale.run_dir / "bench_run.json").write_text(json.dumps({"args": [*stale.args, "--lr", "9"], "wall_s": 1.0}))
+    kept = sorted((j.method.name, j.seed) for j in _finished_only(jobs))
+    assert kept == [("full", 0), ("reference-lr0", 0), ("reference-lr0", 1), ("sparse_str-H-all", 1)]
+
+
 def test_lr_chosen_per_method_on_validation(tmp_path):
     from harness.pipeline.runner import BenchOptions, _tuning_plan
     from harness.pipeline.tuning import select_lrs
@@ -89,6 +117,7 @@ def test_lr_chosen_per_method_on_validation(tmp_path):
                            settings=bench_methods.TrainSettings(epochs=5, patience=2), out=tmp_path,
                            lr_grid=(0.003, 0.01))
     jobs = _tuning_plan(_case(), options, tmp_path / "train.xyz", tmp_path, tmp_path / "valid.xyz")
+    assert [j.lr for j in jobs] == [0.01, 0.01, 0.003, 0.003]  # the middle of the grid first
     assert sorted((j.method.name, j.lr, j.seed) for j in jobs) == [
         ("full", 0.003, 0), ("full", 0.01, 0), ("sparse_str-H-all", 0.003, 0), ("sparse_str-H-all", 0.01, 0)]
     assert all(j.args[j.args.index("--valid_file") + 1] == str(tmp_path / "valid.xyz") for j in jobs)
@@ -194,6 +223,31 @@ def test_bench_with_lr_grid_early_stop_and_ema_end_to_end(tmp_path, tiny_foundat
     md = (out / "bench.md").read_text()
     assert "Learning-rate selection" in md and "chosen on validation force MAE" in md
     assert len(list(out.glob("bench_*_curves.png"))) == 1 and len(list(out.glob("bench_*_tradeoff.png"))) == 1
+
+    # --finished-only: the table of what had finished, with nothing trained again. Un-finish sparse_str's
+    # lr-0.02 tuning run and every seed-1 sparse_str run (as if the benchmark had been cut off there).
+    runs_dir = next((out / "runs").iterdir())
+    for run_dir in runs_dir.glob("sparse_str-H-all_*"):
+        if "_lr0.02_" in run_dir.name or run_dir.name.endswith("_seed1"):
+            (run_dir / "bench_run.json").unlink()
+    code = main(["bench", "--foundation", str(tiny_foundation), "--train-file", str(emt_data["slab_train"]),
+                 "--test-file", str(emt_data["slab_test"]), "--source-test-file", str(emt_data["bulk_test"]),
+                 "--methods", "full", "sparse_str-H-all", "--epochs", "6", "--patience", "2", "--ema",
+                 "--lr-grid", "0.002", "0.02", "--seeds", "0", "1", "--cost-rounds", "2", "--no-memory",
+                 "--out", str(out), "--finished-only"])
+    assert code == 0
+    partial = json.loads((out / "bench.json").read_text())
+    assert "--finished-only" in partial["meta"]["partial"]
+    case = partial["cases"][0]
+    assert case["lr_selection"]["sparse_str-H-all"] == {"0.002": table["sparse_str-H-all"]["0.002"]}
+    assert case["lr_selection"]["full"] == table["full"]
+    kept = sorted((r["method"], r["seed"], r["lr"]) for r in case["runs"] if r["method"] != "zero-shot")
+    full_lr = min((v, float(k)) for k, v in table["full"].items())[1]
+    assert kept == [("full", 0, full_lr), ("full", 1, full_lr), ("sparse_str-H-all", 0, 0.002)]
+    assert not any((d / "bench_run.json").exists() for d in runs_dir.glob("sparse_str-H-all_*")
+                   if "_lr0.02_" in d.name or d.name.endswith("_seed1"))  # none of them was trained again
+    assert "1" in case["reference"]  # seed 1's step-0 model from the one-epoch lr-0 run
+    assert "Partial" in (out / "bench.md").read_text()
 
 
 def test_watcher_waits_for_the_final_stop_and_finds_the_checkpoint_to_finish_from(tmp_path):

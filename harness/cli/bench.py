@@ -44,6 +44,10 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="print the runs the command would make (per case: the lr grid's tuning runs, then every "
                         "method's seeds) and exit without training")
+    p.add_argument("--finished-only", dest="finished_only", action="store_true",
+                   help="write bench.md/bench.json from the runs already finished in --out and start no "
+                        "training (but a one-epoch lr-0 reference run per seed): the partial table of a benchmark "
+                        "that takes several sittings; each lr is chosen among the grid runs that finished")
     p.add_argument("--patience", type=int, default=None,
                    help="stop a run once its validation loss has not improved for this many epochs (MACE's "
                         "--patience, enforced; the saved model is the best checkpoint); 0 = fixed epochs")
@@ -200,6 +204,7 @@ def _bench(args: argparse.Namespace) -> str:
         # tuned alike and run every seed
         tuned=tuple(mode["tuned"]) if split else None,
         secondary_seeds=mode.get("secondary_seeds") if split else None,
+        finished_only=bool(getattr(args, "finished_only", False)),
     )
     if getattr(args, "plan", False):
         return plan_text(cases, options)
@@ -222,6 +227,9 @@ def _bench(args: argparse.Namespace) -> str:
         meta = {**meta_base, "wall_s": time.perf_counter() - start}
         if partial:
             meta["partial"] = f"{len(results)} of {len(cases)} cases so far; run the same command again to go on"
+        if options.finished_only:
+            meta["partial"] = ("--finished-only: only the runs that had finished in --out; lrs chosen among the "
+                               "grid runs that had finished" + (f"; {meta['partial']}" if partial else ""))
         report = bench_table.build_report(results, meta)
         text = bench_table.markdown(report)
         (out / "bench.md").write_text(text)

@@ -37,7 +37,7 @@ from mace_sparse.mace_io import load_trusted_model, output_paths
 from . import evaluate as bench_eval
 from .curve import best_point
 from .splits import scored_test_sets, split_files
-from .train import TrainOutput, failure_tail, run_training
+from .train import TrainOutput, failure_tail, finished, run_training
 from .tuning import borrowed_lrs, select_lrs
 
 LOG = logging.getLogger("mace_sparse.bench")
@@ -71,6 +71,9 @@ class BenchOptions:
     secondary_seeds: Optional[int] = None
     #: log every validation line of every run (``calibrate`` does: its runs are short and run one at a time)
     echo_epochs: bool = False
+    #: report only the runs already finished in ``out`` and start none (but the one-epoch ``--lr 0`` reference
+    #: where a seed has no finished sparse_str run): the partial table of a benchmark longer than a sitting
+    finished_only: bool = False
 
     def settings_for(self, case: BenchCase) -> TrainSettings:
         """What every method of ``case`` shares (same epochs for all of them)."""
@@ -113,10 +116,12 @@ def _run_name(method: Method, seed: int, lr: Optional[float]) -> str:
 
 def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Path,
           valid_file: Optional[Path] = None, lrs: Optional[Dict[str, float]] = None,
-          seeds: Optional[Sequence[int]] = None) -> List[_Job]:
+          seeds: Optional[Sequence[int]] = None, reference: bool = False) -> List[_Job]:
     """The runs of one case: every trained method × seed, plus an ``--lr 0`` reference where needed.
 
     ``lrs``: the learning rate of each method (from the tuning phase); without it the shared ``settings.lr``.
+    ``reference``: an ``--lr 0`` reference for every seed, even one with sparse_str runs (``--finished-only``,
+    where those may not have finished).
     """
     jobs = []
     trained = [m for m in options.methods if m.trains]
@@ -131,7 +136,7 @@ def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Pa
             jobs.append(_Job(case, method, seed, case_dir / _run_name(method, seed, lr),
                              train_command(case, method, seed, settings, str(train_file), valid_file=valid_file),
                              lr=settings.lr))
-        if trained and not has_sparse:
+        if trained and (reference or not has_sparse):
             ref = _reference_method()
             settings = dataclasses.replace(base, epochs=1, lr=0.0, patience=None)
             jobs.append(_Job(case, ref, seed, case_dir / f"reference-lr0_seed{seed}",
@@ -140,12 +145,33 @@ def _plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Pa
     return jobs
 
 
+def center_out(grid: Sequence[float]) -> List[float]:
+    """The grid from its middle value outwards (0.01, 0.003, 0.03 for 0.003, 0.01, 0.03).
+
+    Tuning runs go in this order, so a benchmark stopped half-way has every method at the middle lr first.
+    """
+    if not grid:
+        return []
+    middle = len(grid) // 2
+    order = [middle] + [i for k in range(1, len(grid)) for i in (middle - k, middle + k) if 0 <= i < len(grid)]
+    return [grid[i] for i in order]
+
+
+def _is_done(job: _Job) -> bool:
+    return finished(job.args, job.run_dir, stage_two=job.method.stage_two)
+
+
+def _finished_only(jobs: Sequence[_Job]) -> List[_Job]:
+    """The jobs that finished earlier (``--finished-only``); the cheap ``--lr 0`` references are always kept."""
+    return [j for j in jobs if j.method.kind == "reference" or _is_done(j)]
+
+
 def _tuning_plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Path,
                  valid_file: Optional[Path]) -> List[_Job]:
     """The learning-rate grid on the first seed, for every trained method (the same budget for each)."""
     jobs = []
     tuned = dataclasses.replace(options, methods=[m for m in options.methods if options.is_tuned(m)])
-    for lr in options.lr_grid:
+    for lr in center_out(options.lr_grid):
         lrs = {m.name: lr for m in tuned.methods if m.trains}
         jobs += [j for j in _plan(case, tuned, train_file, case_dir, valid_file, lrs, options.seeds[:1])
                  if j.method.kind != "reference"]
@@ -303,18 +329,28 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
     lrs, lr_table, lenders = None, {}, {}
     if len(options.lr_grid) > 1:
         tuning = _tuning_plan(case, options, train_file, case_dir, valid_file)
+        if options.finished_only:
+            tuning = _finished_only(tuning)
         _number(tuning, counter, total)
         _execute(tuning, options.jobs, options.echo_epochs)
         lrs, lr_table = select_lrs(tuning)
         LOG.info("%s: learning rates chosen on validation: %s", case.label,
                  ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
-        lenders = borrowed_lrs(options.methods, lrs, options.lr_grid[len(options.lr_grid) // 2])
+        untried = [m for m in options.methods if options.is_tuned(m) and m.trains and m.name not in lrs]
+        if untried:  # --finished-only: a tuned method with no finished grid run is left out, not given an lr
+            LOG.info("%s: no finished tuning run of %s", case.label, ", ".join(m.name for m in untried))
+        lenders = borrowed_lrs([m for m in options.methods if m not in untried], lrs,
+                               options.lr_grid[len(options.lr_grid) // 2])
         if lenders:
             LOG.info("%s: untuned methods take the lr of: %s", case.label,
                      ", ".join(f"{m} ← {lender} ({lrs[m]:g})" for m, lender in lenders.items()))
     elif options.lr_grid:
         lrs = {m.name: options.lr_grid[0] for m in options.methods if m.trains}
-    jobs = _plan(case, options, train_file, case_dir, valid_file, lrs)
+    planned = options if lrs is None else dataclasses.replace(
+        options, methods=[m for m in options.methods if not m.trains or m.name in lrs])
+    jobs = _plan(case, planned, train_file, case_dir, valid_file, lrs, reference=options.finished_only)
+    if options.finished_only:
+        jobs = _finished_only(jobs)
     _number(jobs, counter, total)
     _execute(jobs, options.jobs, options.echo_epochs)
     refs = _references(jobs)
@@ -330,7 +366,8 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
                  f"{record['source_force_mae']:.1f}" if source is not None else "–", record["changed_percent"])
         runs.append(record)
 
-    costs = _step_costs(options, case, refs[options.seeds[0]][0], train_file) if refs else {}
+    first = refs.get(options.seeds[0])
+    costs = _step_costs(options, case, first[0], train_file) if first else {}
     return {
         "case": dataclasses.asdict(case) | {"foundation": str(case.foundation), "train_file": str(case.train_file),
                                              "test_file": str(case.test_file),

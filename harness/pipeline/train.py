@@ -87,6 +87,13 @@ def _read_json(path: Path) -> Optional[Dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def finished(args: Sequence[str], run_dir: Path, name: str = "model", stage_two: bool = False) -> bool:
+    """Whether ``run_dir`` holds a run that finished with exactly these arguments (it is reused, not repeated)."""
+    previous = _read_json(run_dir / DONE_FILE)
+    stem = f"{name}_stagetwo" if stage_two else name
+    return bool(previous and previous.get("args") == [str(a) for a in args] and (run_dir / f"{stem}.model").is_file())
+
+
 def _last_write(run_dir: Path) -> float:
     """When the run last wrote a line (MACE's own log is flushed per line, the console log may lag)."""
     files = [run_dir / "command.log", *((run_dir / "logs").glob("*.log") if (run_dir / "logs").is_dir() else [])]
@@ -134,7 +141,7 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     stopped = bool(previous and previous.get("stopped_early"))
     resumed = int(previous.get("resumed", 0)) if previous else 0
     stem = f"{name}_stagetwo" if stage_two else name
-    if previous and previous.get("args") == args and (run_dir / f"{stem}.model").is_file():
+    if finished(args, run_dir, name, stage_two):
         returncode, wall, reused = 0, float(previous["wall_s"]), True
     else:
         done.unlink(missing_ok=True)
