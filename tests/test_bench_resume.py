@@ -125,3 +125,33 @@ def test_interrupted_segment_counts_in_the_wall_time(tmp_path, monkeypatch):
     (run / bench_train.STARTED_FILE).write_text(json.dumps(started))
     out = bench_train.run_training(ARGS, run)
     assert 100.0 <= out.wall_s < 110.0  # 100 s of the first segment + 1 s of the resumed one
+
+
+def test_drain_file_lets_running_runs_finish_and_starts_no_more(tmp_path, monkeypatch):
+    """A session about to end: ``touch <out>/STOP``; the run in progress finishes, the next ones never start."""
+    from harness.pipeline import execute as bench_execute
+
+    drain = tmp_path / bench_execute.DRAIN_FILE
+
+    class Job:
+        def __init__(self, name: str):
+            self.method = type("M", (), {"name": name, "stage_two": False})()
+            self.case = type("C", (), {"label": "case"})()
+            self.seed, self.index, self.total, self.output = 0, 1, 3, None
+            self.run_dir, self.args = tmp_path / name, ARGS
+
+    started: List[str] = []
+
+    def fake_run(args, run_dir, **_):
+        started.append(run_dir.name)
+        drain.touch()  # the file appears while the first run trains
+        run_dir.mkdir()
+        (run_dir / "model.model").write_text("m")
+        return bench_train.TrainOutput(run_dir=run_dir, model=run_dir / "model.model", returncode=0, wall_s=1.0,
+                                       epoch_s=None)
+
+    monkeypatch.setattr(bench_execute, "run_training", fake_run)
+    jobs = [Job("a"), Job("b"), Job("c")]
+    with pytest.raises(bench_execute.Drained, match="2 run\\(s\\) not started"):
+        bench_execute.execute(jobs, parallel=1, drain=drain)
+    assert started == ["a"] and jobs[0].output.ok and jobs[1].output is None

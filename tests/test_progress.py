@@ -45,6 +45,7 @@ def test_calibration_logs_each_epoch(tmp_path, monkeypatch, caplog):
     one MACE-format line per epoch, with the run it belongs to."""
     from harness.experiments import calibration
     from harness.pipeline import runner
+    from harness.pipeline.execute import execute
     from mace_sparse import training
     from mace_sparse.cli.progress import MACE_DATEFMT, MACE_FORMAT
 
@@ -60,7 +61,7 @@ def test_calibration_logs_each_epoch(tmp_path, monkeypatch, caplog):
     # a bench command run earlier in this process gives the logger its own handler and stops propagation
     monkeypatch.setattr(logging.getLogger("mace_sparse.bench"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="mace_sparse.bench"):
-        runner._execute([job], parallel=1, echo_epochs=True)
+        execute([job], parallel=1, echo_epochs=True)
     epochs = [r for r in caplog.records if "Epoch" in r.getMessage()]
     assert [r.getMessage().split(", loss")[0] for r in epochs] == [
         "linear seed 0: Epoch 0: head: Default", "linear seed 0: Epoch 1: head: Default"]

@@ -240,7 +240,11 @@ def _bench(args: argparse.Namespace) -> str:
                  " (partial)" if partial else "", meta["wall_s"] / 60)
         return text
 
-    results = bench_runner.run_bench(cases, options, after_case=lambda done: write(done, partial=True))
+    try:
+        results = bench_runner.run_bench(cases, options, after_case=lambda done: write(done, partial=True))
+    except bench_runner.Drained as exc:
+        log.info("drained: %s", exc)
+        return f"Benchmark drained, no table written: {exc}\n"
     return write(results, partial=False)
 
 

@@ -20,12 +20,10 @@ rate adds exactly zero to every weight, so the saved model is the configured one
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
 import re
-import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +35,8 @@ from mace_sparse.mace_io import load_trusted_model, output_paths
 from . import evaluate as bench_eval
 from .curve import best_point
 from .splits import scored_test_sets, split_files
-from .train import TrainOutput, failure_tail, finished, run_training
+from .execute import DRAIN_FILE, Drained, execute
+from .train import TrainOutput, finished
 from .tuning import borrowed_lrs, select_lrs
 
 LOG = logging.getLogger("mace_sparse.bench")
@@ -178,44 +177,10 @@ def _tuning_plan(case: BenchCase, options: BenchOptions, train_file: Path, case_
     return jobs
 
 
-def _execute(jobs: Sequence[_Job], parallel: int, echo_epochs: bool = False) -> None:
-    """Run the jobs (``parallel`` at a time); a failed run stops the benchmark with its console tail."""
-    lock = threading.Lock()
-
-    def one(job: _Job) -> _Job:
-        with lock:
-            LOG.info("run %d/%d: %s seed %d (%s) …", job.index, job.total, job.method.name, job.seed, job.case.label)
-        def echo(line: str) -> None:
-            if " INFO: Epoch " in line:
-                LOG.info("%s seed %d: %s", job.method.name, job.seed, line.split(" INFO: ", 1)[1])
-
-        job.output = run_training(job.args, job.run_dir, patience=_patience(job.args),
-                                  stage_two=job.method.stage_two, on_line=echo if echo_epochs else None)
-        with lock:
-            out = job.output
-            extra = f", median epoch {out.epoch_s:.2f} s" if out.epoch_s is not None else ""
-            extra += " (finished earlier in this --out: reused)" if out.reused else ""
-            LOG.info("run %d/%d: %s seed %d done in %.1f s%s", job.index, job.total, job.method.name, job.seed,
-                     out.wall_s, extra)
-        if not job.output.ok:
-            raise RuntimeError(f"{job.method.name} seed {job.seed} on {job.case.label} failed "
-                               f"(exit {job.output.returncode}); last lines of {job.run_dir / 'command.log'}:\n"
-                               + failure_tail(job.output))
-        return job
-
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel))
-    try:
-        futures = [pool.submit(one, job) for job in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            future.result()
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # runs already started finish; none is started after
-        raise
-    pool.shutdown(wait=True)
-
-
-def _patience(args: Sequence[str]) -> Optional[int]:
-    return int(args[list(args).index("--patience") + 1]) if "--patience" in args else None
+def _drain_file(options: BenchOptions) -> Optional[Path]:
+    """The drain file of :func:`harness.pipeline.execute.execute` (none for ``--finished-only``: its references
+    must run)."""
+    return None if options.finished_only else options.out / DRAIN_FILE
 
 
 def _references(jobs: Sequence[_Job]) -> Dict[int, Tuple[Any, str]]:
@@ -332,7 +297,7 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
         if options.finished_only:
             tuning = _finished_only(tuning)
         _number(tuning, counter, total)
-        _execute(tuning, options.jobs, options.echo_epochs)
+        execute(tuning, options.jobs, options.echo_epochs, _drain_file(options))
         lrs, lr_table = select_lrs(tuning)
         LOG.info("%s: learning rates chosen on validation: %s", case.label,
                  ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
@@ -352,7 +317,7 @@ def run_case(case: BenchCase, options: BenchOptions, counter: List[int], total: 
     if options.finished_only:
         jobs = _finished_only(jobs)
     _number(jobs, counter, total)
-    _execute(jobs, options.jobs, options.echo_epochs)
+    execute(jobs, options.jobs, options.echo_epochs, _drain_file(options))
     refs = _references(jobs)
     fingerprints = {seed: bench_eval.fingerprint(model) for seed, (model, _) in refs.items()}
 
@@ -423,4 +388,4 @@ def run_bench(cases: Sequence[BenchCase], options: BenchOptions,
     return results
 
 
-__all__ = ["BenchOptions", "run_bench", "run_case", "count_runs", "REFERENCE"]
+__all__ = ["BenchOptions", "Drained", "DRAIN_FILE", "run_bench", "run_case", "count_runs", "REFERENCE"]
