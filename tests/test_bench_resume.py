@@ -145,13 +145,16 @@ def test_drain_file_lets_running_runs_finish_and_starts_no_more(tmp_path, monkey
     def fake_run(args, run_dir, **_):
         started.append(run_dir.name)
         drain.touch()  # the file appears while the first run trains
-        run_dir.mkdir()
+        run_dir.mkdir(exist_ok=True)
         (run_dir / "model.model").write_text("m")
         return bench_train.TrainOutput(run_dir=run_dir, model=run_dir / "model.model", returncode=0, wall_s=1.0,
                                        epoch_s=None)
 
     monkeypatch.setattr(bench_execute, "run_training", fake_run)
-    jobs = [Job("a"), Job("b"), Job("c")]
+    jobs = [Job("a"), Job("b"), Job("c"), Job("d")]
+    jobs[3].run_dir.mkdir()  # "d" finished in an earlier sitting: reusing it starts nothing, so it is not skipped
+    (jobs[3].run_dir / "model.model").write_text("m")
+    (jobs[3].run_dir / bench_train.DONE_FILE).write_text(json.dumps({"args": ARGS, "wall_s": 1.0}))
     with pytest.raises(bench_execute.Drained, match="2 run\\(s\\) not started"):
         bench_execute.execute(jobs, parallel=1, drain=drain)
-    assert started == ["a"] and jobs[0].output.ok and jobs[1].output is None
+    assert started == ["a", "d"] and jobs[0].output.ok and jobs[1].output is None and jobs[2].output is None

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from .train import failure_tail, run_training
+from .train import failure_tail, finished, run_training
 
 LOG = logging.getLogger("mace_sparse.bench")
 
@@ -31,13 +31,15 @@ def execute(jobs: Sequence[Any], parallel: int, echo_epochs: bool = False,
     """Run the jobs (``parallel`` at a time); a failed run stops the benchmark with its console tail.
 
     ``drain``: once this file exists no further job starts (a session ending soon: the runs in progress finish
-    cleanly instead of being resumed later), and :class:`Drained` is raised after them.
+    cleanly instead of being resumed later), and :class:`Drained` is raised after them. Jobs that finished
+    earlier are still reused: that starts nothing.
     """
     lock = threading.Lock()
     skipped: List[Any] = []
 
     def one(job: Any) -> Any:
-        if drain is not None and drain.exists():
+        if drain is not None and drain.exists() and not finished(job.args, job.run_dir,
+                                                                 stage_two=job.method.stage_two):
             skipped.append(job)
             return job
         with lock:
