@@ -26,6 +26,11 @@ class Drained(Exception):
     """The benchmark was drained (:data:`DRAIN_FILE`): the runs in progress finished, the rest did not start."""
 
 
+def job_finished(job: Any) -> bool:
+    """Whether ``job`` finished earlier with the same arguments (:func:`harness.pipeline.train.finished`)."""
+    return finished(job.args, job.run_dir, stage_two=job.method.stage_two)
+
+
 def execute(jobs: Sequence[Any], parallel: int, echo_epochs: bool = False,
             drain: Optional[Path] = None) -> None:
     """Run the jobs (``parallel`` at a time); a failed run stops the benchmark with its console tail.
@@ -38,8 +43,7 @@ def execute(jobs: Sequence[Any], parallel: int, echo_epochs: bool = False,
     skipped: List[Any] = []
 
     def one(job: Any) -> Any:
-        if drain is not None and drain.exists() and not finished(job.args, job.run_dir,
-                                                                 stage_two=job.method.stage_two):
+        if drain is not None and drain.exists() and not job_finished(job):
             skipped.append(job)
             return job
         with lock:

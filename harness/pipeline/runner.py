@@ -35,8 +35,8 @@ from mace_sparse.mace_io import load_trusted_model, output_paths
 from . import evaluate as bench_eval
 from .curve import best_point
 from .splits import scored_test_sets, split_files
-from .execute import DRAIN_FILE, Drained, execute
-from .train import TrainOutput, finished
+from .execute import DRAIN_FILE, Drained, execute, job_finished
+from .train import TrainOutput
 from .tuning import borrowed_lrs, select_lrs
 
 LOG = logging.getLogger("mace_sparse.bench")
@@ -156,13 +156,9 @@ def center_out(grid: Sequence[float]) -> List[float]:
     return [grid[i] for i in order]
 
 
-def _is_done(job: _Job) -> bool:
-    return finished(job.args, job.run_dir, stage_two=job.method.stage_two)
-
-
 def _finished_only(jobs: Sequence[_Job]) -> List[_Job]:
     """The jobs that finished earlier (``--finished-only``); the cheap ``--lr 0`` references are always kept."""
-    return [j for j in jobs if j.method.kind == "reference" or _is_done(j)]
+    return [j for j in jobs if j.method.kind == "reference" or job_finished(j)]
 
 
 def _tuning_plan(case: BenchCase, options: BenchOptions, train_file: Path, case_dir: Path,

@@ -6,8 +6,8 @@ writes them). On top of the plain process this layer adds what experiments need:
 reuse of a run that already finished with the same arguments and the resume of one that was interrupted
 (an experiment restarted with the same ``--out`` picks up where it stopped, inside a run too), the learning
 curve, and the wall time between consecutive validation lines (kept in the JSON as a cross-check of the
-in-process step timing). Nothing else is read from
-MACE's metrics: the evaluation is :mod:`harness.pipeline.evaluate`.
+in-process step timing). Nothing else is read from MACE's metrics: the evaluation is
+:mod:`harness.pipeline.evaluate`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mace_sparse.mace_io import output_paths
 from mace_sparse.training import STOPPED, log_tail, run_mace_train
@@ -100,8 +100,9 @@ def _last_write(run_dir: Path) -> float:
     return max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
 
 
-def _earlier_wall(run_dir: Path, args: List[str]) -> Optional[float]:
-    """Seconds an interrupted run with these ``args`` already trained, or None when it cannot be resumed.
+def _resume_state(run_dir: Path, args: List[str]) -> Optional[Tuple[float, int]]:
+    """(seconds already trained, times resumed so far) of an interrupted run with these ``args``; None when it
+    cannot be resumed.
 
     Resumable: it was started with the very same arguments (``bench_started.json``) and MACE wrote a
     checkpoint. The interrupted segment ran from its recorded start to the last line it wrote.
@@ -109,7 +110,8 @@ def _earlier_wall(run_dir: Path, args: List[str]) -> Optional[float]:
     started = _read_json(run_dir / STARTED_FILE)
     if not started or started.get("args") != args or latest_checkpoint_epoch(run_dir) is None:
         return None
-    return float(started.get("wall_s", 0.0)) + max(0.0, _last_write(run_dir) - float(started["segment_start"]))
+    wall = float(started.get("wall_s", 0.0)) + max(0.0, _last_write(run_dir) - float(started["segment_start"]))
+    return wall, int(started.get("resumed", 0))
 
 
 def _mark_started(run_dir: Path, args: List[str], wall_s: float, resumed: int) -> None:
@@ -131,8 +133,10 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     not repeated. One that was interrupted (the benchmark stopped, the session cut) is resumed from MACE's
     checkpoint with ``--restart_latest``, so a long benchmark loses at most the epochs since the last best
     one; a run whose log already says patience is exhausted goes straight to the finish. MACE's resume
-    starts again at the best checkpoint's epoch with its patience counter at zero, so a resumed run may
-    train a few epochs more than an uninterrupted one would; ``resumed`` in ``bench_run.json`` says so.
+    is not a seamless continuation: it starts again at the best checkpoint's epoch from the EMA weights, with
+    a fresh EMA (its decay warm-up starts over) and its best loss and patience counter reset, so a resumed
+    run's validation curve is noisier and patience may end it on a noise dip; ``resumed`` in
+    ``bench_run.json`` says which runs were resumed (draining, :mod:`harness.pipeline.execute`, avoids it).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [str(a) for a in args]
@@ -145,13 +149,13 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
         returncode, wall, reused = 0, float(previous["wall_s"]), True
     else:
         done.unlink(missing_ok=True)
-        earlier = _earlier_wall(run_dir, args)
-        if earlier is None:
+        state = _resume_state(run_dir, args)
+        if state is None:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint must not be resumed
             shutil.rmtree(run_dir / "logs", ignore_errors=True)
             earlier, resumed = 0.0, 0
         else:
-            resumed = int(_read_json(run_dir / STARTED_FILE).get("resumed", 0)) + 1
+            earlier, resumed = state[0], state[1] + 1
         _mark_started(run_dir, args, earlier, resumed)
         reused = False
 
