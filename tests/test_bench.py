@@ -51,6 +51,24 @@ def test_rows_ratios_and_mean_std():
     assert sparse["unchanged_percent"] == pytest.approx(97.0)
 
 
+def test_epochs_run_mean_and_ratio_to_full_in_rows_and_markdown(tmp_path, capsys):
+    case = _synthetic_case()
+    for run in case["runs"]:
+        run["epochs_run"] = {"full": 80, "sparse_str-H-all": 240}.get(run["method"])
+    rows = {r["method"]: r for r in bench_table.summarize_case(case)}
+    assert rows["sparse_str-H-all"]["epochs_ratio_to_full"] == pytest.approx(3.0)
+    assert rows["lora"]["epochs_run"] is None and rows["lora"]["epochs_ratio_to_full"] is None
+    report = bench_table.build_report([case], _meta())
+    assert "| 240 (3.00×) |" in bench_table.case_markdown(report["cases"][0])
+    # a bench.json written before the column existed is re-summarised from its raw runs, not its stale rows
+    for row in report["cases"][0]["rows"]:
+        row.pop("epochs_run"), row.pop("epochs_ratio_to_full")
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench_table.json_ready(report), allow_nan=False))
+    assert bench_table.main([str(path)]) == 0
+    assert "| 240 (3.00×) |" in capsys.readouterr().out
+
+
 def test_checks_pass_and_fail():
     good = bench_table.checks_for(bench_table.summarize_case(_synthetic_case()))
     assert [c["method"] for c in good] == ["sparse_str-H-all"]

@@ -37,6 +37,7 @@ CHECKS: Tuple[Tuple[str, str], ...] = (
 _AVERAGED = (
     "target_force_mae", "target_energy_mae_per_atom", "target_energy_mae_per_config", "source_force_mae",
     "changed_percent", "delta_bytes", "delta_percent_of_model", "epoch_s_from_log", "target_magmom_mae",
+    "epochs_run",
 )
 
 
@@ -78,6 +79,8 @@ def summarize_case(case_result: Dict[str, Any]) -> List[Dict[str, Any]]:
         row["source_rise"] = (row["source_force_mae"] - zero_source) if zero_source is not None else None
         row["source_rise_ratio_to_full"] = _ratio(row["source_rise"], full_rise) if (full_rise or 0) > 0 else None
         row["target_force_ratio_to_full"] = _ratio(row["target_force_mae"], full["target_force_mae"]) if full else None
+        # how long a user waits: epochs until early stopping ended the run (load-independent, unlike wall time)
+        row["epochs_ratio_to_full"] = _ratio(row["epochs_run"], full["epochs_run"]) if full else None
         cost = costs.get(cost_key.get(row["method"], ""))
         row["step_ms"] = cost["median_ms"] if cost else None
         row["peak_memory_bytes"] = cost["peak_memory_bytes"] if cost else None
@@ -179,6 +182,13 @@ def _delta_cell(row: Dict[str, Any]) -> str:
     return f"{row['delta_bytes']:,.0f} B ({_fmt(row.get('delta_percent_of_model'))}% of .model)"
 
 
+def _epochs_cell(row: Dict[str, Any]) -> str:
+    if row.get("epochs_run") is None:
+        return "–"
+    ratio = row.get("epochs_ratio_to_full")
+    return _pm(row, "epochs_run", ".0f") + ("" if ratio is None else f" ({ratio:.2f}×)")
+
+
 def _target_note(case: Dict[str, Any]) -> str:
     counts = case.get("target_configs")
     if not counts or counts["used"] == counts["in_file"]:
@@ -194,7 +204,7 @@ def case_markdown(case: Dict[str, Any]) -> str:
     head = ["method", "E MAE (meV/atom)"] + (["E MAE (meV/molecule)"] if molecules else []) + [
         "F MAE (meV/Å)", "F × full"] + (["moment MAE (μB)"] if magnetic else []) + [
         "params changed (%)", "source F MAE (meV/Å)", "forgetting rise (meV/Å)", "rise × full's", "step × full",
-        "peak mem × full", "delta file",
+        "peak mem × full", "epochs run (× full)", "delta file",
     ]
     lines = [
         f"### {info['label']}",
@@ -219,7 +229,7 @@ def case_markdown(case: Dict[str, Any]) -> str:
         cells += [
             _pm(row, "changed_percent", ".2f"), _pm(row, "source_force_mae"), _fmt(row["source_rise"]),
             _fmt(row["source_rise_ratio_to_full"], ".2f"), _fmt(row["step_time_ratio"], ".2f"),
-            _fmt(row["peak_memory_ratio"], ".2f"), _delta_cell(row),
+            _fmt(row["peak_memory_ratio"], ".2f"), _epochs_cell(row), _delta_cell(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if case["checks"]:
@@ -249,7 +259,7 @@ def summary_markdown(report: Dict[str, Any]) -> str:
     methods = list(dict.fromkeys(row["method"] for row in rows))
     columns = (("target_force_ratio_to_full", "F × full", ".2f"), ("changed_percent", "params changed (%)", ".2f"),
                ("source_rise_ratio_to_full", "rise × full's", ".2f"), ("step_time_ratio", "step × full", ".2f"),
-               ("peak_memory_ratio", "peak mem × full", ".2f"))
+               ("peak_memory_ratio", "peak mem × full", ".2f"), ("epochs_ratio_to_full", "epochs × full", ".2f"))
     lines = [f"### Summary over the {len(cases)} cases", "",
              "Mean over cases of each case's mean over seeds (min–max over cases in brackets).", "",
              "| method | " + " | ".join(label for _, label, _ in columns) + " |",
@@ -355,7 +365,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("json", help="bench.json written by mace_sparse bench")
     args = parser.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
-    print(markdown(report), end="")
+    raw = [{k: v for k, v in case.items() if k not in ("rows", "checks")} for case in report["cases"]]
+    print(markdown(build_report(raw, report["meta"])), end="")
     return 0
 
 
