@@ -347,6 +347,18 @@ def test_plan_lists_the_full_modes_design_without_training(capsys, tmp_path):
     # 4 tuned × 3 lr + 4 tuned × 3 seeds + 6 secondary × 1 seed
     assert text.rstrip().endswith("finished runs are reused)") and "\n30 mace_run_train runs in all" in text
     assert not (tmp_path / "b").exists()  # nothing written, nothing trained
+    # a --methods subset keeps the design: the secondary method named borrows its kind's lr and runs seed 0 ...
+    assert main(["bench", "--plan", "--tasks", "rmd17", "--cases", "aspirin/N=50", "--out", str(tmp_path / "b"),
+                 "--methods", "full", "sparse_str-B5-all", "sparse_str-B5-fisher"]) == 0
+    text = capsys.readouterr().out
+    assert "  tuning, seed 0, lr [0.003, 0.01, 0.03]: full, sparse_str-B5-all\n" in text
+    assert "  sparse_str-B5-fisher: seeds [0] (lr borrowed)\n" in text
+    # ... and an explicit --lr-grid tunes every method named alike, on every seed
+    assert main(["bench", "--plan", "--tasks", "rmd17", "--cases", "aspirin/N=50", "--out", str(tmp_path / "b"),
+                 "--methods", "full", "sparse_str-B5-fisher", "--lr-grid", "0.003", "0.01"]) == 0
+    text = capsys.readouterr().out
+    assert "  tuning, seed 0, lr [0.003, 0.01]: full, sparse_str-B5-fisher\n" in text
+    assert "  sparse_str-B5-fisher: seeds [0, 1, 2]\n" in text
 
 
 def test_bench_records_the_commit_it_ran_from():

@@ -193,15 +193,16 @@ def _bench(args: argparse.Namespace) -> str:
     log.info("mace_sparse bench, %s mode: %s", mode_name, covers)
     settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=lr, batch_size=args.batch_size,
                                            patience=patience, ema=ema)
-    split = bool(mode.get("tuned")) and len(lr_grid) > 1 and not args.methods
+    # the mode's primary/secondary design holds for any --methods subset (a secondary method named there still
+    # borrows its kind's lr, so adding one to a finished case costs one run); an explicit --lr-grid tunes every
+    # method named alike
+    split = bool(mode.get("tuned")) and len(lr_grid) > 1 and not getattr(args, "lr_grid", None)
     options = bench_runner.BenchOptions(
         methods=methods, seeds=list(seeds), settings=settings, out=out, jobs=args.jobs,
         cost_rounds=mode["cost_rounds"] if args.cost_rounds is None else args.cost_rounds,
         measure_memory=args.measure_memory,
         freeze=args.freeze, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, epochs_by_task=epochs,
         lr_grid=tuple(lr_grid) if len(lr_grid) > 1 else (),
-        # the mode's primary/secondary split is for its own method list: methods named with --methods are all
-        # tuned alike and run every seed
         tuned=tuple(mode["tuned"]) if split else None,
         secondary_seeds=mode.get("secondary_seeds") if split else None,
         finished_only=bool(getattr(args, "finished_only", False)),
