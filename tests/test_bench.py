@@ -148,11 +148,13 @@ def test_sparse_flags_accepted_with_the_plugin():
     parser = add_sparse_arguments(build_default_arg_parser())  # adds the magnetic flags too
     settings = bench_methods.TrainSettings(epochs=1)
     methods = bench_methods.all_methods()
-    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 16
+    assert set(methods) == set(bench_methods.METHOD_NAMES) and len(methods) == 17
     for name in ("full", "sparse_str-L-linear", "sparse_str-M-all", "sparse_str-H-all", "paper-recipe",
-                 "sparse_str-B5-all"):
+                 "sparse_str-B5-all", "sparse_str-M-noramp"):
         args = parser.parse_args(bench_methods.train_command(_case(), methods[name], 0, settings, "train.xyz"))
         assert args.finetune_method == methods[name].kind
+    args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-M-noramp"], 0, settings, "x"))
+    assert args.sparse_init_threshold == bench_methods.NO_RAMP_THRESHOLD == 0.5
     args = parser.parse_args(bench_methods.train_command(_case(), methods["sparse_str-L-linear"], 0, settings, "x"))
     assert args.sparse_threshold_weight_decay == bench_methods.SPARSE_PRESETS["L"]["lambda_tau"]
     assert args.sparse_delta_eps == bench_methods.SPARSE_PRESETS["L"]["delta_eps"]

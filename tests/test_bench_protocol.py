@@ -336,6 +336,31 @@ def test_secondary_methods_borrow_their_kinds_lr_and_run_fewer_seeds(tmp_path):
         "sparse_str-H-all": "grid"}
 
 
+def test_variants_borrow_the_lr_of_the_method_they_vary_not_the_first_of_their_kind():
+    """B5-all comes first among the sparse_str methods but a λ_τ variant must not take its lr (malonaldehyde:
+    B5-all chose 0.003, where the λ_τ defaults stall); the budget variants take B5-all's; a borrower never lends."""
+    from harness.pipeline.tuning import borrowed_lrs
+
+    names = ["full", "paper-recipe", "sparse_str-B5-all", "sparse_str-B5-fisher", "sparse_str-B5-all-rt",
+             "sparse_str-M-element", "sparse_str-M-noramp", "sparse_str-M-all", "sparse_str-H-all"]
+    methods = bench_methods.select_methods(names)
+    chosen = {"full": 0.003, "sparse_str-B5-all": 0.003, "sparse_str-M-all": 0.01}
+    lenders = borrowed_lrs(methods, chosen, fallback=0.01)
+    assert lenders == {"paper-recipe": "sparse_str-M-all", "sparse_str-B5-fisher": "sparse_str-B5-all",
+                       "sparse_str-B5-all-rt": "sparse_str-B5-all", "sparse_str-M-element": "sparse_str-M-all",
+                       "sparse_str-M-noramp": "sparse_str-M-all", "sparse_str-H-all": "sparse_str-M-all"}
+    assert chosen["sparse_str-H-all"] == chosen["sparse_str-M-noramp"] == 0.01
+    assert chosen["sparse_str-B5-fisher"] == 0.003
+    # the variant's own base not run: the first tuned method of its kind, then full's, never another borrower
+    only_b5 = {"full": 0.03, "sparse_str-B5-all": 0.003}
+    assert borrowed_lrs(methods, only_b5, fallback=0.01)["sparse_str-H-all"] == "sparse_str-B5-all"
+    no_sparse = {"full": 0.03}
+    assert set(borrowed_lrs(methods, no_sparse, fallback=0.01).values()) == {"full"}
+    # the no-ramp variant is the defaults with δ started at the fixed point of the scores' decay, sigmoid(0)
+    flags = next(m.flags for m in methods if m.name == "sparse_str-M-noramp")
+    assert dict(zip(flags[::2], flags[1::2]))["--sparse_init_threshold"] == "0.5"
+
+
 def test_plan_lists_the_full_modes_design_without_training(capsys, tmp_path):
     from mace_sparse.cli import main
 

@@ -23,6 +23,10 @@ the method's own flags differ:
   other sparse_str-all methods' (the ranking's extra work is not timed separately).
 * ``sparse_str-M-element``: the command line's defaults with one δ per chemical element for the element-indexed
   weights (``--sparse_threshold_granularity element``); not in full mode's list (run it with ``--methods``).
+* ``sparse_str-M-noramp``: the defaults with δ₀ = 0.5 (:data:`NO_RAMP_THRESHOLD`) instead of 1e-3. δ = sigmoid(s)
+  and the decay pulls s to 0, so the defaults' δ ramps from 1e-3 up to ~0.5 over ~1/(lr·λ_τ) steps, pruning what
+  passed early on; at lr 0.003 on 50 frames that ramp outlasts the patience of early stopping (README, "Full
+  mode"). Started at the ramp's end, the thresholds only fall.
 * ``sparse_str-B5-all-s2`` / ``-rt``: the same run continued in MACE's stage two (same lr and loss weights) once
   stage one stops, without / with ``--sparse_retrain_support`` (the support fixed, the kept entries retrained).
 * ``sparse_str-{L,H}-{linear,all}``: ``--finetune_method sparse_str`` with a preset of :data:`SPARSE_PRESETS`
@@ -65,6 +69,11 @@ PAPER_RECIPE_FLAGS: Tuple[str, ...] = (
     "--sparse_init_threshold", "1e-4", "--sparse_straight_through", "False", "--sparse_delta_eps", "0",
     "--sparse_delta_lr_factor", "1", "--sparse_threshold_weight_decay", "0.3",
 )
+#: The λ_τ-driven method the threshold variants (other presets, per-element δ, the paper's recipe) take their lr
+#: from when they are not tuned themselves; the budget variants take the budget preset's.
+THRESHOLD_DEFAULTS = "sparse_str-M-all"
+#: ``sparse_str-M-noramp``'s δ₀: sigmoid(0), the fixed point of the threshold scores' decay.
+NO_RAMP_THRESHOLD = 0.5
 DEFAULT_FREEZE = 5
 DEFAULT_LORA_RANK = 4
 DEFAULT_LORA_ALPHA = 1.0
@@ -90,6 +99,9 @@ class Method:
     targets: Optional[str] = None
     #: the run continues in MACE's stage two (``--swa``) once stage one stops, and the stage-two model is scored
     stage_two: bool = False
+    #: an untuned (secondary) method takes the lr chosen for this tuned method when it ran (a variant of it), before
+    #: the first tuned method of its kind (:func:`harness.pipeline.tuning.borrowed_lrs`)
+    lr_from: Optional[str] = None
 
     @property
     def trains(self) -> bool:
@@ -139,28 +151,38 @@ def all_methods(
         Method("lora", "lora", ("--lora", "True", "--lora_rank", str(lora_rank), "--lora_alpha", str(lora_alpha)),
                "lora"),
         Method(f"lora-r{LARGE_LORA_RANK}", "lora", ("--lora", "True", "--lora_rank", str(LARGE_LORA_RANK),
-                                                    "--lora_alpha", str(lora_alpha)), None),
+                                                    "--lora_alpha", str(lora_alpha)), None, lr_from="lora"),
         Method("freeze", "freeze", ("--freeze", str(freeze)), "freeze"),
         Method("paper-recipe", "sparse_str", PAPER_RECIPE_FLAGS, "paper-recipe", lambda_tau=0.3,
-               targets="linear,skip_tp"),
+               targets="linear,skip_tp", lr_from=THRESHOLD_DEFAULTS),
         Method("sparse_str-B5-all", "sparse_str", budget, "sparse_str-all", targets="all"),
         Method("sparse_str-B5-fisher", "sparse_str", (*budget, "--sparse_selection", "fisher"), "sparse_str-all",
-               targets="all"),
+               targets="all", lr_from="sparse_str-B5-all"),
         # the support-retraining ablation: the same budget run continued in stage two, with and without fixing
-        Method("sparse_str-B5-all-s2", "sparse_str", budget, "sparse_str-all", targets="all", stage_two=True),
+        Method("sparse_str-B5-all-s2", "sparse_str", budget, "sparse_str-all", targets="all", stage_two=True,
+               lr_from="sparse_str-B5-all"),
         Method("sparse_str-B5-all-rt", "sparse_str", (*budget, "--sparse_retrain_support", "True"),
-               "sparse_str-all", targets="all", stage_two=True),
+               "sparse_str-all", targets="all", stage_two=True, lr_from="sparse_str-B5-all"),
     ]
     methods.append(Method("sparse_str-M-element", "sparse_str",
                           ("--finetune_method", "sparse_str", "--sparse_threshold_granularity", "element",
-                           "--sparse_targets", "all", *sparse_flags), "sparse_str-all", lambda_tau=1.0, targets="all"))
+                           "--sparse_targets", "all", *sparse_flags), "sparse_str-all", lambda_tau=1.0, targets="all",
+                          lr_from=THRESHOLD_DEFAULTS))
+    # the defaults with δ started at 0.5, the value the decay of its score pulls it to (s = 0): no threshold ramp,
+    # so no pruning phase; an entry changes the model once its latent ΔW passes 0.5
+    methods.append(Method("sparse_str-M-noramp", "sparse_str",
+                          ("--finetune_method", "sparse_str", "--sparse_init_threshold", str(NO_RAMP_THRESHOLD),
+                           "--sparse_targets", "all", *sparse_flags), "sparse_str-all", lambda_tau=1.0, targets="all",
+                          lr_from=THRESHOLD_DEFAULTS))
     for preset, values in SPARSE_PRESETS.items():
         for targets in PRESET_TARGETS[preset]:
+            name = f"sparse_str-{preset}-{targets}"
             methods.append(Method(
-                f"sparse_str-{preset}-{targets}", "sparse_str",
+                name, "sparse_str",
                 ("--finetune_method", "sparse_str", "--sparse_threshold_weight_decay", str(values["lambda_tau"]),
                  "--sparse_delta_eps", str(values["delta_eps"]), "--sparse_targets", targets, *sparse_flags),
                 f"sparse_str-{targets}", lambda_tau=values["lambda_tau"], targets=targets,
+                lr_from=None if name == THRESHOLD_DEFAULTS else THRESHOLD_DEFAULTS,
             ))
     return {m.name: m for m in methods}
 

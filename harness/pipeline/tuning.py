@@ -28,14 +28,19 @@ def select_lrs(jobs: Sequence[Any]) -> Tuple[Dict[str, float], Dict[str, Dict[st
 
 
 def borrowed_lrs(methods: Sequence[Method], chosen: Dict[str, float], fallback: float) -> Dict[str, str]:
-    """For every trained method without its own choice: which tuned method's lr it takes (same kind first, else
-    full fine-tuning); ``chosen`` gains those entries. Returns {method: lender} (``fallback`` lends "grid")."""
+    """For every trained method without its own choice: which tuned method's lr it takes (the one it is a variant
+    of, ``Method.lr_from``, when that was tuned; else the first of its kind; else full fine-tuning); ``chosen``
+    gains those entries. Returns {method: lender} (``fallback`` lends "grid")."""
     lenders: Dict[str, str] = {}
+    tuned = dict(chosen)  # lenders are tuned methods only, never another borrower
     for method in methods:
         if not method.trains or method.name in chosen:
             continue
-        same_kind = [m.name for m in methods if m.kind == method.kind and m.name in chosen]
-        lender = same_kind[0] if same_kind else (REFERENCE if REFERENCE in chosen else None)
+        same_kind = [m.name for m in methods if m.kind == method.kind and m.name in tuned]
+        if method.lr_from in tuned:
+            lender: Optional[str] = method.lr_from
+        else:
+            lender = same_kind[0] if same_kind else (REFERENCE if REFERENCE in tuned else None)
         chosen[method.name] = chosen[lender] if lender else fallback
         lenders[method.name] = lender or "grid"
     return lenders
