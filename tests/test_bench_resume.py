@@ -95,6 +95,30 @@ def test_run_with_other_arguments_starts_again_without_the_old_checkpoint(tmp_pa
     assert fake.calls[1] == other  # no --restart_latest: the checkpoint belonged to other arguments
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["model_run-0_epoch-0.pt"]
     assert out.ok and out.resumed == 0
+    # the interrupted run of the other arguments is set aside, not deleted
+    aside = tmp_path / "run.superseded-1"
+    assert json.loads((aside / bench_train.STARTED_FILE).read_text())["args"] == ARGS
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["model_run-0_epoch-0.pt",
+                                                                         "model_run-0_epoch-1.pt"]
+
+
+def test_finished_run_with_other_arguments_is_set_aside_not_wiped(tmp_path, monkeypatch):
+    """A harness change that alters a method's arguments must not destroy a finished run of hours."""
+    fake = FakeMace([{"epochs": [(0, 5.0)]}, {"epochs": [(0, 6.0)]}, {"epochs": [(0, 7.0)]}])
+    monkeypatch.setattr(bench_train, "run_mace_train", fake)
+    run = tmp_path / "run"
+    assert bench_train.run_training(ARGS, run).ok
+    (run / "scores.json").write_text("{}")  # anything else kept next to a finished run goes with it
+    other = [*ARGS, "--lr", "0.03"]
+    assert bench_train.run_training(other, run).ok and fake.calls[1] == other
+    aside = tmp_path / "run.superseded-1"
+    assert json.loads((aside / bench_train.DONE_FILE).read_text())["args"] == ARGS
+    assert (aside / "model.model").is_file() and (aside / "scores.json").is_file()
+    assert not (run / "scores.json").exists() and bench_train.finished(other, run)
+    # the same arguments again: reused; yet other ones: set aside under the next free name
+    assert bench_train.run_training(other, run).reused and len(fake.calls) == 2
+    assert bench_train.run_training(ARGS, run).ok and (tmp_path / "run.superseded-2").is_dir()
+    assert bench_train.finished(ARGS, tmp_path / "run") and bench_train.finished(ARGS, aside)
 
 
 def test_run_cut_off_after_its_stop_line_only_runs_the_finish(tmp_path, monkeypatch):

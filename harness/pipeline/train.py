@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import re
 import shutil
 import statistics
@@ -114,6 +115,26 @@ def _resume_state(run_dir: Path, args: List[str]) -> Optional[Tuple[float, int]]
     return wall, int(started.get("resumed", 0))
 
 
+def _set_aside(run_dir: Path, args: List[str]) -> Optional[Path]:
+    """Move a run made with other arguments out of the way (``<run>.superseded-N``) and return where it went.
+
+    A harness change that alters a method's arguments would otherwise wipe a finished run of hours the next
+    time the benchmark runs; set aside, it can still be compared, restored or deleted by hand.
+    """
+    records = [_read_json(run_dir / f) for f in (DONE_FILE, STARTED_FILE)]
+    if not any(r and r.get("args") not in (None, args) for r in records):
+        return None
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.superseded-{n}").exists():
+        n += 1
+    target = run_dir.with_name(f"{run_dir.name}.superseded-{n}")
+    run_dir.rename(target)
+    run_dir.mkdir()
+    logging.getLogger(__name__).warning("%s: made with other arguments; set aside as %s and started again",
+                                        run_dir, target.name)
+    return target
+
+
 def _mark_started(run_dir: Path, args: List[str], wall_s: float, resumed: int) -> None:
     record = {"args": args, "wall_s": wall_s, "segment_start": time.time(), "resumed": resumed}
     (run_dir / STARTED_FILE).write_text(json.dumps(record))
@@ -130,7 +151,7 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     every console line (progress reports).
 
     A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
-    not repeated. One that was interrupted (the benchmark stopped, the session cut) is resumed from MACE's
+    not repeated; one made with other arguments is set aside as ``<run>.superseded-N``, never deleted. One that was interrupted (the benchmark stopped, the session cut) is resumed from MACE's
     checkpoint with ``--restart_latest``, so a long benchmark loses at most the epochs since the last best
     one; a run whose log already says patience is exhausted goes straight to the finish. MACE's resume
     is not a seamless continuation: it starts again at the best checkpoint's epoch from the EMA weights, with
@@ -148,8 +169,10 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     if finished(args, run_dir, name, stage_two):
         returncode, wall, reused = 0, float(previous["wall_s"]), True
     else:
-        done.unlink(missing_ok=True)
         state = _resume_state(run_dir, args)
+        if state is None:
+            _set_aside(run_dir, args)
+        done.unlink(missing_ok=True)
         if state is None:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint must not be resumed
             shutil.rmtree(run_dir / "logs", ignore_errors=True)
