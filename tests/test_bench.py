@@ -278,7 +278,10 @@ def test_finished_run_is_reused_and_changed_arguments_rerun(tmp_path, monkeypatc
     assert first.ok and not first.reused and again.ok and again.reused
     assert again.wall_s == pytest.approx(first.wall_s)
     assert bench_train.run_training(["--seed", "1"], run_dir).reused is False
-    assert (run_dir / "calls.txt").read_text().count("run") == 2
+    # the new arguments ran once in a fresh dir; the seed-0 run was set aside with its own call, not deleted
+    assert (run_dir / "calls.txt").read_text().count("run") == 1
+    assert (tmp_path / "run.superseded-1" / "calls.txt").read_text().count("run") == 1
+    assert (tmp_path / "run.superseded-1" / "model.model").is_file()
 
 
 def test_rmd17_cases_follow_the_expected_file_names(tmp_path):
