@@ -194,7 +194,7 @@ def _bench(args: argparse.Namespace) -> str:
     settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=lr, batch_size=args.batch_size,
                                            patience=patience, ema=ema)
     # the mode's primary/secondary design holds for any --methods subset (a secondary method named there still
-    # borrows its kind's lr, so adding one to a finished case costs one run); an explicit --lr-grid tunes every
+    # borrows the lr of the method it varies, so adding one to a finished case costs one run); an explicit --lr-grid tunes every
     # method named alike
     split = bool(mode.get("tuned")) and len(lr_grid) > 1 and not getattr(args, "lr_grid", None)
     options = bench_runner.BenchOptions(

@@ -26,8 +26,9 @@ MODES: Dict[str, Dict[str, Any]] = {
         "methods": ["zero-shot", "full", "lora", "lora-r16", "freeze", "paper-recipe", "sparse_str-M-all",
                     "sparse_str-B5-all", "sparse_str-B5-fisher", "sparse_str-L-all", "sparse_str-H-all"],
         # primary methods get the lr grid and every seed; the secondary ones borrow the lr chosen for the primary
-        # method they vary (Method.lr_from; else their kind's, else full's) and run the first seed only: the issue's "fewer seeds or lr values for the secondary
-        # methods rather than cut the convergence or the foundation size" on 2 CPU cores
+        # method they vary (Method.lr_from; else their kind's, else full's) and run the first seed only: the
+        # issue's "fewer seeds or lr values for the secondary methods rather than cut the convergence or the
+        # foundation size" on 2 CPU cores
         "tuned": ["full", "lora", "sparse_str-M-all", "sparse_str-B5-all"], "secondary_seeds": 1,
         "patience": 15, "ema": True, "lr_grid": [0.003, 0.01, 0.03],
         "note": "the converged, validated regime on the benchmark-scale foundations (organic-s, inorganic-s): "

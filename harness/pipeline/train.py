@@ -151,9 +151,9 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     every console line (progress reports).
 
     A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
-    not repeated; one made with other arguments is set aside as ``<run>.superseded-N``, never deleted. One that was interrupted (the benchmark stopped, the session cut) is resumed from MACE's
-    checkpoint with ``--restart_latest``, so a long benchmark loses at most the epochs since the last best
-    one; a run whose log already says patience is exhausted goes straight to the finish. MACE's resume
+    not repeated; one made with other arguments is set aside as ``<run>.superseded-N``, never deleted. One
+    that was interrupted (the benchmark stopped, the session cut) is resumed from MACE's checkpoint with
+    ``--restart_latest``, so a long benchmark loses at most the epochs since the last best one; a run whose log already says patience is exhausted goes straight to the finish. MACE's resume
     is not a seamless continuation: it starts again at the best checkpoint's epoch from the EMA weights, with
     a fresh EMA (its decay warm-up starts over) and its best loss and patience counter reset, so a resumed
     run's validation curve is noisier and patience may end it on a noise dip; ``resumed`` in
@@ -171,14 +171,13 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     else:
         state = _resume_state(run_dir, args)
         if state is None:
-            _set_aside(run_dir, args)
-        done.unlink(missing_ok=True)
-        if state is None:
+            _set_aside(run_dir, args)  # reads the run's records, so before they are removed
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint must not be resumed
             shutil.rmtree(run_dir / "logs", ignore_errors=True)
             earlier, resumed = 0.0, 0
         else:
             earlier, resumed = state[0], state[1] + 1
+        done.unlink(missing_ok=True)
         _mark_started(run_dir, args, earlier, resumed)
         reused = False
 
