@@ -69,6 +69,25 @@ def test_epochs_run_mean_and_ratio_to_full_in_rows_and_markdown(tmp_path, capsys
     assert "| 240 (3.00×) |" in capsys.readouterr().out
 
 
+def test_epochs_run_counts_stage_two_epochs_trained_not_their_numbers(tmp_path, capsys):
+    """MACE numbers stage-two epochs from --max_num_epochs: 3 epochs, then 2 in stage two, logged 0-2, 400-401."""
+    from harness.pipeline.curve import epochs_trained, parse_curve
+
+    log = "\n".join(f"INFO: Epoch {e}: loss=0.1, MAE_F= 5.0 meV / A" for e in (0, 1, 2, 400, 401))
+    curve = parse_curve(log)
+    assert epochs_trained(curve) == 5 and epochs_trained([]) is None
+    # the table CLI recounts a bench.json written with the old count (last epoch + 1 = 402)
+    case = _synthetic_case()
+    for run in case["runs"]:
+        run["curve"], run["epochs_run"] = ((curve, 402) if run["method"] == "sparse_str-H-all"
+                                           else ([{"epoch": e, "mae_f": 1.0} for e in range(4)], 4))
+    report = bench_table.build_report([case], _meta())
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench_table.json_ready(report), allow_nan=False))
+    assert bench_table.main([str(path)]) == 0
+    assert "| 5 (1.25×) |" in capsys.readouterr().out
+
+
 def test_checks_pass_and_fail():
     good = bench_table.checks_for(bench_table.summarize_case(_synthetic_case()))
     assert [c["method"] for c in good] == ["sparse_str-H-all"]

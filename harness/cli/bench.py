@@ -71,7 +71,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2,
                    help="mace_run_train runs at a time, one OpenMP thread each (default 2, for 2 cores). Results do "
                         "not depend on it: every run is seeded, and step cost is measured afterwards, alone")
-    p.add_argument("--cost-rounds", dest="cost_rounds", type=int, default=None, help="interleaved timing rounds of the step cost (0: not measured; default: the mode's)")
+    p.add_argument("--cost-rounds", dest="cost_rounds", type=int, default=None,
+                   help="interleaved timing rounds of the step cost (0: not measured; default: the mode's)")
     p.add_argument("--no-memory", dest="measure_memory", action="store_false", help="skip the peak-memory part")
     p.add_argument("--freeze", type=int, default=5, help="N of MACE's --freeze for the freeze method")
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=4)
@@ -193,9 +194,9 @@ def _bench(args: argparse.Namespace) -> str:
     log.info("mace_sparse bench, %s mode: %s", mode_name, covers)
     settings = bench_methods.TrainSettings(epochs=max(epochs.values()), lr=lr, batch_size=args.batch_size,
                                            patience=patience, ema=ema)
-    # the mode's primary/secondary design holds for any --methods subset (a secondary method named there still
-    # borrows the lr of the method it varies, so adding one to a finished case costs one run); an explicit --lr-grid tunes every
-    # method named alike
+    # the mode's primary/secondary design holds for any --methods subset (a secondary method named there
+    # still borrows the lr of the method it varies, so adding one to a finished case costs one run); an
+    # explicit --lr-grid tunes every method named alike
     split = bool(mode.get("tuned")) and len(lr_grid) > 1 and not getattr(args, "lr_grid", None)
     options = bench_runner.BenchOptions(
         methods=methods, seeds=list(seeds), settings=settings, out=out, jobs=args.jobs,
@@ -212,7 +213,8 @@ def _bench(args: argparse.Namespace) -> str:
     argv = getattr(args, "argv", None) or list(sys.argv[1:])
     meta_base = {
         "command": "mace_sparse " + shlex.join(argv), "date": datetime.date.today().isoformat(), "mode": mode_name,
-        "covers": covers, "epochs": epochs_text(epochs), "epochs_by_task": epochs, "lr": lr if len(lr_grid) <= 1 else None,
+        "covers": covers, "epochs": epochs_text(epochs), "epochs_by_task": epochs,
+        "lr": lr if len(lr_grid) <= 1 else None,
         "lr_grid": lr_grid, "patience": patience, "ema": ema,
         "batch_size": args.batch_size, "seeds": list(seeds), "jobs": options.jobs,
         "dtype": settings.dtype, "methods": [m.name for m in methods],

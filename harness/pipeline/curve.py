@@ -56,6 +56,15 @@ def best_point(curve: List[Dict[str, float]], key: str = "loss") -> Optional[Dic
     return min(points, key=lambda p: (p[key], p["epoch"]))
 
 
+def epochs_trained(curve: List[Dict[str, float]]) -> Optional[int]:
+    """How many epochs the run trained: one validation point per epoch, counted, not read off the last one.
+
+    Why not ``last epoch + 1``: MACE numbers stage-two epochs from ``--max_num_epochs`` (a run stopped at 134
+    and continued in stage two logs epochs 401, 402, ...), so the last number overstates the run by the gap.
+    """
+    return len(curve) if curve else None
+
+
 def stopped_early(log_text: str) -> bool:
     return STOP_LINE in log_text
 

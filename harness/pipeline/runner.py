@@ -33,7 +33,7 @@ from harness.stepcost.cost import measure_step_costs
 from mace_sparse.mace_io import load_trusted_model, output_paths
 
 from . import evaluate as bench_eval
-from .curve import best_point
+from .curve import best_point, epochs_trained
 from .splits import scored_test_sets, split_files
 from .execute import DRAIN_FILE, Drained, execute, job_finished
 from .train import TrainOutput
@@ -209,7 +209,7 @@ def _evaluate_run(job: _Job, reference, target: Path, source: Optional[Path]) ->
         "changed_percent": change.changed_percent,
         "model_bytes": out.model.stat().st_size, "wall_s": out.wall_s, "epoch_s_from_log": out.epoch_s,
         "run_dir": str(out.run_dir), "lr": job.lr, "curve": out.curve, "stopped_early": out.stopped_early,
-        "epochs_run": (out.curve[-1]["epoch"] + 1) if out.curve else None, "resumed": out.resumed,
+        "epochs_run": epochs_trained(out.curve), "resumed": out.resumed,
     }
     best = best_point(out.curve)
     if best is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness.stepcost.schema import PEAK_MEMORY_LIMIT, STEP_TIME_LIMIT  # the limits bench-step checks too
+from .curve import epochs_trained
 
 FORCE_VS_FULL = 0.95
 FORCE_VS_LORA = 0.90
@@ -366,6 +367,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
     raw = [{k: v for k, v in case.items() if k not in ("rows", "checks")} for case in report["cases"]]
+    for case in raw:  # counts older versions got wrong are recounted from the stored curves
+        for run in case["runs"]:
+            if run.get("curve"):
+                run["epochs_run"] = epochs_trained(run["curve"])
     print(markdown(build_report(raw, report["meta"])), end="")
     return 0
 

@@ -151,13 +151,14 @@ def run_training(args: Sequence[str], run_dir: Path, name: str = "model", patien
     every console line (progress reports).
 
     A run that already finished in ``run_dir`` with the very same arguments (recorded in ``bench_run.json``) is
-    not repeated; one made with other arguments is set aside as ``<run>.superseded-N``, never deleted. One
-    that was interrupted (the benchmark stopped, the session cut) is resumed from MACE's checkpoint with
-    ``--restart_latest``, so a long benchmark loses at most the epochs since the last best one; a run whose log already says patience is exhausted goes straight to the finish. MACE's resume
-    is not a seamless continuation: it starts again at the best checkpoint's epoch from the EMA weights, with
-    a fresh EMA (its decay warm-up starts over) and its best loss and patience counter reset, so a resumed
-    run's validation curve is noisier and patience may end it on a noise dip; ``resumed`` in
-    ``bench_run.json`` says which runs were resumed (draining, :mod:`harness.pipeline.execute`, avoids it).
+    not repeated; one made with other arguments is set aside as ``<run>.superseded-N``, never deleted. One that
+    was interrupted (the benchmark stopped, the session cut) is resumed from MACE's checkpoint with
+    ``--restart_latest``, so a long benchmark loses at most the epochs since the last best one; a run whose log
+    already says patience is exhausted goes straight to the finish. MACE's resume is not a seamless
+    continuation: it starts again at the best checkpoint's epoch from the EMA weights, with a fresh EMA (its
+    decay warm-up starts over) and its best loss and patience counter reset, so a resumed run's validation curve
+    is noisier and patience may end it on a noise dip; ``resumed`` in ``bench_run.json`` says which runs were
+    resumed (draining, :mod:`harness.pipeline.execute`, avoids it).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [str(a) for a in args]
